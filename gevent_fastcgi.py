@@ -1,0 +1,2101 @@
+"""gevent_fastcgi: a FastCGI application server for Python, built on gevent.
+
+A web server (nginx, Apache, lighttpd, HAProxy, ...) speaks FastCGI to this
+server; it runs WSGI applications or custom request handlers, each request in
+its own greenlet, without monkey-patching, in one or several processes.
+
+Quick start::
+
+    python -m gevent_fastcgi --bind 127.0.0.1:9000 myproject.wsgi:application
+
+or from Python::
+
+    from gevent_fastcgi import FastCGIServer, WSGIRequestHandler
+    FastCGIServer(('127.0.0.1', 9000), WSGIRequestHandler(app)).serve_forever()
+
+The whole server is this one file, so that it can be vendored by copying it.
+It reads top to bottom in numbered sections (grep for "# 4." and so on); the
+tests in test_gevent_fastcgi.py carry the same banners.
+
+    1. Imports, version, logger
+    2. Protocol constants (the names of the FastCGI 1.0 specification)
+    3. Errors
+    4. Record codec: bytes in, records out, bytes back; no I/O at all
+    5. Request streams: stdin/data (spooled to disk), stdout/stderr
+    6. Requests and connections: the greenlet that multiplexes one connection
+    7. Request handlers: WSGI (our own PEP 3333 driver) and wsgiref
+    8. Listening sockets and FastCGIServer
+    9. Prefork master and workers
+   10. Options table, PasteDeploy server runners
+   11. Django management command loader
+   12. Optional zope.interface declarations
+   13. Command line
+
+The FastCGI 1.0 specification (Mark R. Brown, Open Market, 1996) is the
+authority for sections 2 to 6; section numbers quoted in comments are its.
+"""
+
+# ---------------------------------------------------------------------------
+# 1. Imports, version, logger
+# ---------------------------------------------------------------------------
+
+import errno
+import logging
+import os
+import re
+import signal
+import socket as _stdlib_socket
+import stat
+import struct
+import sys
+import tempfile
+import time
+import traceback
+from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
+
+import gevent
+import gevent.event
+import gevent.lock
+import gevent.pool
+import gevent.socket
+from gevent.server import StreamServer
+
+# A literal, so that a vendored copy of this file knows its version uninstalled.
+__version__ = '0.9.0'
+
+__all__ = [
+    'FastCGIServer', 'WSGIRequestHandler', 'WSGIRefRequestHandler',
+    'Request', 'Connection', 'RecordParser', 'Record',
+    'InputStream', 'OutputStream',
+    'FastCGIError', 'ProtocolError', 'ConnectionClosed', 'RequestAborted',
+    'encode_records', 'encode_pairs', 'decode_pairs',
+]
+
+logger = logging.getLogger('gevent_fastcgi')
+
+
+# ---------------------------------------------------------------------------
+# 2. Protocol constants
+# ---------------------------------------------------------------------------
+
+FCGI_LISTENSOCK_FILENO = 0
+FCGI_HEADER_LEN = 8
+FCGI_VERSION_1 = 1
+FCGI_MAX_CONTENT_LEN = 0xFFFF
+FCGI_NULL_REQUEST_ID = 0
+
+# Record types (section 8).
+FCGI_BEGIN_REQUEST = 1
+FCGI_ABORT_REQUEST = 2
+FCGI_END_REQUEST = 3
+FCGI_PARAMS = 4
+FCGI_STDIN = 5
+FCGI_STDOUT = 6
+FCGI_STDERR = 7
+FCGI_DATA = 8
+FCGI_GET_VALUES = 9
+FCGI_GET_VALUES_RESULT = 10
+FCGI_UNKNOWN_TYPE = 11
+FCGI_MAXTYPE = FCGI_UNKNOWN_TYPE
+
+# FCGI_BEGIN_REQUEST flags and roles.
+FCGI_KEEP_CONN = 1
+FCGI_RESPONDER = 1
+FCGI_AUTHORIZER = 2
+FCGI_FILTER = 3
+
+# FCGI_END_REQUEST protocol statuses.
+FCGI_REQUEST_COMPLETE = 0
+FCGI_CANT_MPX_CONN = 1
+FCGI_OVERLOADED = 2
+FCGI_UNKNOWN_ROLE = 3
+
+# Names FCGI_GET_VALUES may ask about (section 4.1).
+FCGI_MAX_CONNS = 'FCGI_MAX_CONNS'
+FCGI_MAX_REQS = 'FCGI_MAX_REQS'
+FCGI_MPXS_CONNS = 'FCGI_MPXS_CONNS'
+
+ROLE_NAMES = {FCGI_RESPONDER: 'RESPONDER', FCGI_AUTHORIZER: 'AUTHORIZER',
+              FCGI_FILTER: 'FILTER'}
+RECORD_TYPE_NAMES = {
+    FCGI_BEGIN_REQUEST: 'BEGIN_REQUEST', FCGI_ABORT_REQUEST: 'ABORT_REQUEST',
+    FCGI_END_REQUEST: 'END_REQUEST', FCGI_PARAMS: 'PARAMS',
+    FCGI_STDIN: 'STDIN', FCGI_STDOUT: 'STDOUT', FCGI_STDERR: 'STDERR',
+    FCGI_DATA: 'DATA', FCGI_GET_VALUES: 'GET_VALUES',
+    FCGI_GET_VALUES_RESULT: 'GET_VALUES_RESULT',
+    FCGI_UNKNOWN_TYPE: 'UNKNOWN_TYPE',
+}
+
+
+# ---------------------------------------------------------------------------
+# 3. Errors
+# ---------------------------------------------------------------------------
+
+class FastCGIError(Exception):
+    """Base class of the errors this module raises."""
+
+
+class ProtocolError(FastCGIError):
+    """The peer sent bytes that are not valid FastCGI.
+
+    The connection that carried them is closed with one log line; nothing
+    else is affected.
+    """
+
+
+class ConnectionClosed(FastCGIError, ConnectionAbortedError):
+    """Output could not be sent: the web server closed the connection, or
+    the request has already ended (it was aborted, or answered).
+
+    It is a ConnectionAbortedError, so code that already copes with a client
+    going away (wsgiref, most frameworks) copes with this too.
+    """
+
+
+class RequestAborted(gevent.GreenletExit):
+    """Raised inside a request's greenlet when the web server aborts the
+    request (FCGI_ABORT_REQUEST) or drops its connection.
+
+    It derives from GreenletExit (a BaseException), so the usual
+    ``except Exception`` in application code does not swallow it.
+    """
+
+
+# ---------------------------------------------------------------------------
+# 4. Record codec
+# ---------------------------------------------------------------------------
+#
+# Sans-I/O, after h11: RecordParser.feed() takes whatever bytes arrived and
+# returns the whole records among them; encode_records() turns output into
+# bytes.  Nothing here touches a socket, so every rule of the protocol's
+# framing is tested without one.
+
+_HEADER = struct.Struct('!BBHHBx')        # version, type, id, length, padding
+_BEGIN_REQUEST_BODY = struct.Struct('!HB5x')     # role, flags
+_END_REQUEST_BODY = struct.Struct('!IB3x')       # appStatus, protocolStatus
+_UNKNOWN_TYPE_BODY = struct.Struct('!B7x')       # type
+_UINT32 = struct.Struct('!I')
+
+
+class Record(NamedTuple):
+    type: int
+    request_id: int
+    content: bytes
+
+
+class RecordParser:
+    """Incremental FastCGI record parser.
+
+    ``feed(data)`` accepts bytes in any chunking and returns the list of
+    records completed by them; ``feed(b'')`` means end of input and raises
+    ProtocolError when it cuts a record short.  Padding is read and
+    discarded whatever it holds (section 3.3).
+    """
+
+    __slots__ = ('_buffer', '_eof')
+
+    def __init__(self) -> None:
+        self._buffer = b''
+        self._eof = False
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received that do not yet make a whole record."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> List[Record]:
+        if not data:
+            self._eof = True
+            if self._buffer:
+                raise ProtocolError(
+                    'connection closed in the middle of a record '
+                    '(%d bytes of it received)' % len(self._buffer))
+            return []
+        if self._eof:
+            raise ProtocolError('data fed after end of input')
+        if self._buffer:
+            data = self._buffer + data
+        records = []
+        append = records.append
+        unpack_from = _HEADER.unpack_from
+        pos = 0
+        end = len(data)
+        while end - pos >= FCGI_HEADER_LEN:
+            version, rtype, request_id, length, padding = unpack_from(data, pos)
+            if version != FCGI_VERSION_1:
+                raise ProtocolError(
+                    'unsupported FastCGI version %d in record header %r'
+                    % (version, data[pos:pos + FCGI_HEADER_LEN]))
+            content_end = pos + FCGI_HEADER_LEN + length
+            if content_end + padding > end:
+                break
+            append(Record(rtype, request_id,
+                          data[pos + FCGI_HEADER_LEN:content_end]))
+            pos = content_end + padding
+        self._buffer = data[pos:] if pos < end else b''
+        return records
+
+
+def encode_records(record_type: int, request_id: int, content=b'') -> bytes:
+    """Encode ``content`` as records of one type: the ONE place where output
+    of any size is cut into records of at most 65,535 bytes.
+
+    Empty content gives one empty record, which is how a stream ends
+    (section 3.3).  No padding is added: it is optional and every web
+    server reads unpadded records.
+    """
+    length = len(content)
+    if length <= FCGI_MAX_CONTENT_LEN:
+        return _HEADER.pack(FCGI_VERSION_1, record_type, request_id,
+                            length, 0) + content
+    view = memoryview(content)
+    parts = []
+    for offset in range(0, length, FCGI_MAX_CONTENT_LEN):
+        chunk = view[offset:offset + FCGI_MAX_CONTENT_LEN]
+        parts.append(_HEADER.pack(FCGI_VERSION_1, record_type, request_id,
+                                  len(chunk), 0))
+        parts.append(chunk)
+    return b''.join(parts)
+
+
+def _encode_length(length: int) -> bytes:
+    if length < 0x80:
+        return bytes((length,))
+    if length > 0x7FFFFFFF:
+        raise ValueError('name or value longer than 2**31 - 1 bytes')
+    return _UINT32.pack(length | 0x80000000)
+
+
+def encode_pairs(pairs) -> bytes:
+    """Encode name-value pairs (section 3.4); ``pairs`` is a mapping or an
+    iterable of 2-tuples of bytes (str is encoded as latin-1)."""
+    if hasattr(pairs, 'items'):
+        pairs = pairs.items()
+    parts = []
+    for name, value in pairs:
+        if isinstance(name, str):
+            name = name.encode('latin-1')
+        if isinstance(value, str):
+            value = value.encode('latin-1')
+        parts += (_encode_length(len(name)), _encode_length(len(value)),
+                  name, value)
+    return b''.join(parts)
+
+
+def decode_pairs(data: bytes) -> List[Tuple[bytes, bytes]]:
+    """Decode a complete name-value pair stream.
+
+    Each length is read on its own: one byte when the high bit is clear,
+    else four bytes with the high bit masked off (section 3.4).  A pair that
+    runs past the end of the stream is a ProtocolError.
+    """
+    pairs = []
+    pos = 0
+    end = len(data)
+    try:
+        while pos < end:
+            name_length = data[pos]
+            if name_length & 0x80:
+                name_length = _UINT32.unpack_from(data, pos)[0] & 0x7FFFFFFF
+                pos += 4
+            else:
+                pos += 1
+            value_length = data[pos]
+            if value_length & 0x80:
+                value_length = _UINT32.unpack_from(data, pos)[0] & 0x7FFFFFFF
+                pos += 4
+            else:
+                pos += 1
+            value_start = pos + name_length
+            value_end = value_start + value_length
+            if value_end > end:
+                raise ProtocolError(
+                    'name-value pair of %d + %d bytes runs %d bytes past the '
+                    'end of its stream' % (name_length, value_length,
+                                           value_end - end))
+            pairs.append((data[pos:value_start], data[value_start:value_end]))
+            pos = value_end
+    except (IndexError, struct.error):
+        raise ProtocolError('name-value pair stream ends inside a length')
+    return pairs
+
+
+def decode_environ(data: bytes) -> Dict[str, str]:
+    """FCGI_PARAMS stream -> CGI environ of native strings (PEP 3333: bytes
+    decoded as latin-1, which maps every byte and loses none)."""
+    return {name.decode('latin-1'): value.decode('latin-1')
+            for name, value in decode_pairs(data)}
+
+
+def encode_begin_request(request_id: int, role: int = FCGI_RESPONDER,
+                         keep_conn: bool = False) -> bytes:
+    """A BEGIN_REQUEST record, as a web server sends it (for clients/tests)."""
+    return encode_records(FCGI_BEGIN_REQUEST, request_id,
+                          _BEGIN_REQUEST_BODY.pack(
+                              role, FCGI_KEEP_CONN if keep_conn else 0))
+
+
+def encode_end_request(request_id: int, app_status: int = 0,
+                       protocol_status: int = FCGI_REQUEST_COMPLETE) -> bytes:
+    return encode_records(FCGI_END_REQUEST, request_id,
+                          _END_REQUEST_BODY.pack(app_status & 0xFFFFFFFF,
+                                                 protocol_status))
+
+
+def decode_begin_request(content: bytes) -> Tuple[int, bool]:
+    """BEGIN_REQUEST body -> (role, keep_conn)."""
+    if len(content) != _BEGIN_REQUEST_BODY.size:
+        raise ProtocolError('BEGIN_REQUEST body is %d bytes, not 8'
+                            % len(content))
+    role, flags = _BEGIN_REQUEST_BODY.unpack(content)
+    return role, bool(flags & FCGI_KEEP_CONN)
+
+
+def decode_end_request(content: bytes) -> Tuple[int, int]:
+    """END_REQUEST body -> (app_status, protocol_status)."""
+    if len(content) != _END_REQUEST_BODY.size:
+        raise ProtocolError('END_REQUEST body is %d bytes, not 8'
+                            % len(content))
+    return _END_REQUEST_BODY.unpack(content)
+
+
+# ---------------------------------------------------------------------------
+# 5. Request streams
+# ---------------------------------------------------------------------------
+#
+# Input streams are written by the connection's greenlet as records arrive
+# and read by the request's greenlet, which waits when it gets ahead of the
+# web server.  They spool to a temporary file past ``spool_size`` bytes
+# (waitress does the same), so an upload costs disk, not memory, and the
+# connection never stops reading: other requests multiplexed on it, and
+# FCGI_ABORT_REQUEST, still get through while an application ignores a body.
+#
+# Output streams gather small writes and send them together: a small response
+# leaves in one send with its END_REQUEST.  A write that brings the buffer to
+# ``flush_size`` sends it; a web server that stops reading then stalls that
+# request's greenlet in sendall (back-pressure) and memory does not grow.
+
+DEFAULT_SPOOL_SIZE = 1024 * 1024
+DEFAULT_FLUSH_SIZE = 64 * 1024
+
+
+class InputStream:
+    """A request's FCGI_STDIN or FCGI_DATA stream, as a read-only binary file.
+
+    Supports ``read``, ``readline``, ``readlines`` and iteration over lines.
+    A read returns fewer bytes than asked only at the end of the stream.
+    """
+
+    def __init__(self, spool_size: int = DEFAULT_SPOOL_SIZE) -> None:
+        self.spool_size = spool_size
+        self.eof = False            # the empty record that ends it arrived
+        self.received = 0           # bytes that arrived so far
+        self._file = None           # created with the first byte
+        self._pos = 0               # bytes the reader consumed
+        self._error = None          # raised to the reader (disk full, ...)
+        self._waiter = None         # Event, made when a reader first waits
+
+    # -- the connection's side --------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        if self._error is not None:
+            return
+        try:
+            if self._file is None:
+                self._file = tempfile.SpooledTemporaryFile(self.spool_size)
+            self._file.seek(self.received)
+            self._file.write(data)
+        except OSError as exc:
+            # Disk full while spooling: this request fails, nothing else.
+            self.fail(OSError(exc.errno, 'cannot spool request body: %s'
+                              % (exc.strerror or exc)))
+            return
+        self.received += len(data)
+        if self._waiter is not None:
+            self._waiter.set()
+
+    def feed_eof(self) -> None:
+        self.eof = True
+        if self._waiter is not None:
+            self._waiter.set()
+
+    def fail(self, error: BaseException) -> None:
+        """Make the reader's next read raise ``error``."""
+        self._error = error
+        self.feed_eof()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if not self.eof:
+            self.fail(ConnectionClosed('request has ended'))
+
+    # -- the reader's side --------------------------------------------------
+
+    def _wait(self) -> None:
+        if self._error is not None:
+            raise self._error
+        waiter = self._waiter
+        if waiter is None:
+            waiter = self._waiter = gevent.event.Event()
+        waiter.clear()
+        waiter.wait()
+        if self._error is not None:
+            raise self._error
+
+    def _available(self, size: int) -> int:
+        """Wait until ``size`` bytes (all, when negative) can be read or the
+        stream has ended; return how many can be read now."""
+        if size is None or size < 0:
+            while not self.eof:
+                self._wait()
+            available = self.received - self._pos
+        else:
+            while self.received - self._pos < size and not self.eof:
+                self._wait()
+            available = min(size, self.received - self._pos)
+        if self._error is not None:
+            raise self._error
+        return available
+
+    def read(self, size: int = -1) -> bytes:
+        available = self._available(size)
+        if available <= 0:
+            return b''
+        self._file.seek(self._pos)
+        data = self._file.read(available)
+        self._pos += len(data)
+        return data
+
+    def readline(self, size: int = -1) -> bytes:
+        if size is None:
+            size = -1
+        while True:
+            if self._error is not None:
+                raise self._error
+            available = self.received - self._pos
+            limit = available if size < 0 else min(size, available)
+            if limit > 0:
+                self._file.seek(self._pos)
+                line = self._file.readline(limit)
+            else:
+                line = b''
+            if (line.endswith(b'\n') or self.eof
+                    or (size >= 0 and len(line) >= size)):
+                self._pos += len(line)
+                return line
+            self._wait()
+
+    def readlines(self, hint: int = -1) -> List[bytes]:
+        lines = []
+        total = 0
+        for line in self:
+            lines.append(line)
+            total += len(line)
+            if 0 < (hint or 0) <= total:
+                break
+        return lines
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> bytes:
+        line = self.readline()
+        if not line:
+            raise StopIteration
+        return line
+
+    def readable(self) -> bool:
+        return True
+
+    def __repr__(self) -> str:
+        return '<InputStream %d bytes received, %d read%s>' % (
+            self.received, self._pos, ', ended' if self.eof else '')
+
+
+class OutputStream:
+    """A request's FCGI_STDOUT or FCGI_STDERR stream, as a write-only file.
+
+    ``write`` takes bytes (FCGI_STDERR also takes str, sent as UTF-8, so that
+    it can serve as ``wsgi.errors``).  Writes are gathered until
+    ``flush_size`` bytes, a ``flush()``, or the end of the request.
+    """
+
+    __slots__ = ('_request', 'record_type', 'flush_size', '_chunks',
+                 '_pending', 'bytes_written')
+
+    def __init__(self, request: 'Request', record_type: int,
+                 flush_size: int = DEFAULT_FLUSH_SIZE) -> None:
+        self._request = request
+        self.record_type = record_type
+        self.flush_size = flush_size
+        self._chunks = []
+        self._pending = 0
+        self.bytes_written = 0      # accepted by write() so far
+
+    def write(self, data) -> int:
+        if type(data) is not bytes:
+            if isinstance(data, str):
+                if self.record_type != FCGI_STDERR:
+                    raise TypeError('stdout takes bytes, not str: encode '
+                                    'the response body first')
+                data = data.encode('utf-8', 'backslashreplace')
+            else:
+                data = bytes(data)
+        if self._request.ended:
+            raise ConnectionClosed('request %d has already ended'
+                                   % self._request.id)
+        length = len(data)
+        if length:
+            self._chunks.append(data)
+            self._pending += length
+            self.bytes_written += length
+            if self._pending >= self.flush_size:
+                self.flush()
+        return length
+
+    def writelines(self, lines: Iterable[bytes]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        if self._chunks:
+            self._request.connection.send(self.take_records())
+
+    def take_records(self) -> bytes:
+        """What was written and not yet sent, encoded as records; the
+        buffer is emptied."""
+        chunks = self._chunks
+        if not chunks:
+            return b''
+        data = chunks[0] if len(chunks) == 1 else b''.join(chunks)
+        self._chunks = []
+        self._pending = 0
+        return encode_records(self.record_type, self._request.id, data)
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def closed(self) -> bool:
+        return self._request.ended
+
+    def close(self) -> None:
+        """Streams end with their request; this only flushes."""
+        if not self._request.ended:
+            self.flush()
+
+
+# ---------------------------------------------------------------------------
+# 6. Requests and connections
+# ---------------------------------------------------------------------------
+#
+# One greenlet per connection reads records and dispatches them; each request
+# runs its handler in a greenlet of its own, so requests multiplexed on one
+# connection proceed independently and may finish in any order.  The
+# connection greenlet never waits for a request: it keeps reading, which is
+# what lets FCGI_GET_VALUES, FCGI_ABORT_REQUEST and the next BEGIN_REQUEST
+# through at any time (HAProxy sends the next request before the previous
+# one's END_REQUEST has arrived).
+#
+# Lifetime (section 3.5): the web server owns a connection unless a request
+# came without FCGI_KEEP_CONN; then we close it once that request is answered.
+# We close it ourselves otherwise only on malformed input (one log line) or
+# when the server stops.
+
+class Request:
+    """One FastCGI request, as a request handler receives it.
+
+    environ  dict of the FCGI_PARAMS the web server sent (str: str, latin-1)
+    stdin    InputStream of the request body (FCGI_STDIN)
+    data     InputStream of the FILTER role's file (FCGI_DATA); empty otherwise
+    stdout   OutputStream for the response, CGI style: headers, blank line, body
+    stderr   OutputStream for messages to the web server's error log
+    role     FCGI_RESPONDER, FCGI_AUTHORIZER or FCGI_FILTER
+    id, keep_conn, connection, server
+    """
+
+    def __init__(self, connection: 'Connection', request_id: int, role: int,
+                 keep_conn: bool) -> None:
+        server = connection.server
+        self.connection = connection
+        self.server = server
+        self.id = request_id
+        self.role = role
+        self.keep_conn = keep_conn
+        self.environ: Dict[str, str] = {}
+        self.stdin = InputStream(server.spool_size)
+        self.data = InputStream(server.spool_size)
+        if role != FCGI_FILTER:
+            self.data.feed_eof()
+        if role == FCGI_AUTHORIZER:
+            self.stdin.feed_eof()       # section 6.3: an authorizer gets no body
+        self.stdout = OutputStream(self, FCGI_STDOUT)
+        self.stderr = OutputStream(self, FCGI_STDERR)
+        self.greenlet = None            # runs the handler once PARAMS ended
+        self.started = False            # the handler has begun to run
+        self.ended = False              # END_REQUEST sent, or connection lost
+        self.params_done = False
+        self._params: List[bytes] = []
+        self._params_size = 0
+
+    def __repr__(self) -> str:
+        return '<Request %d %s %s %s>' % (
+            self.id, ROLE_NAMES.get(self.role, self.role),
+            self.environ.get('REQUEST_METHOD', '-'),
+            self.environ.get('REQUEST_URI', self.environ.get('PATH_INFO', '-')))
+
+
+class Connection:
+    """Serves one transport connection from the web server.
+
+    Record handlers are looked up by name (``on_begin_request`` ...), so a
+    subclass may override any of them; FastCGIServer.connection_class picks
+    the class.
+    """
+
+    #: bytes asked of each recv(); large enough for a 64 KB record in one go
+    recv_size = 256 * 1024
+    #: seconds to wait for the web server to close after we shut down our side
+    linger_timeout = 5.0
+
+    record_handler_names = {
+        FCGI_BEGIN_REQUEST: 'on_begin_request',
+        FCGI_ABORT_REQUEST: 'on_abort_request',
+        FCGI_PARAMS: 'on_params',
+        FCGI_STDIN: 'on_stdin',
+        FCGI_DATA: 'on_data',
+    }
+
+    def __init__(self, server: 'FastCGIServer', sock, address) -> None:
+        self.server = server
+        self.socket = sock
+        self.peer = address
+        self.requests: Dict[int, Request] = {}
+        self.closed = False
+        self.closing = False            # our side is shut, waiting for theirs
+        self._send_lock = gevent.lock.Semaphore()
+        self._linger_timer = None
+        self.record_handlers = {
+            record_type: getattr(self, name)
+            for record_type, name in self.record_handler_names.items()}
+
+    def __repr__(self) -> str:
+        return '<Connection from %s>' % (self.peer or 'unix socket',)
+
+    # -- reading ------------------------------------------------------------
+
+    def run(self) -> None:
+        parser = RecordParser()
+        recv = self.socket.recv
+        recv_size = self.recv_size
+        handlers = self.record_handlers
+        try:
+            while not self.closed:
+                data = recv(recv_size)
+                for rtype, request_id, content in parser.feed(data):
+                    if request_id:
+                        handler = handlers.get(rtype)
+                        if handler is not None:
+                            handler(request_id, content)
+                        elif request_id in self.requests:
+                            raise ProtocolError(
+                                'unexpected record type %d for request %d'
+                                % (rtype, request_id))
+                        # else: a record of an inactive request: ignored (3.3)
+                    elif rtype == FCGI_GET_VALUES:
+                        self.on_get_values(content)
+                    else:
+                        self.on_unknown_type(rtype, content)
+                if not data:
+                    break
+        except ProtocolError as exc:
+            logger.warning('%s: protocol error, connection closed: %s',
+                           self, exc)
+        except OSError as exc:
+            if not self.closed:
+                logger.info('%s: connection lost: %s', self, exc)
+        finally:
+            self.close()
+
+    def on_get_values(self, content: bytes) -> None:
+        """Answer with the values we know; unknown names are left out (4.1)."""
+        known = {
+            FCGI_MAX_CONNS: str(self.server.max_conns),
+            FCGI_MAX_REQS: str(self.server.max_reqs),
+            FCGI_MPXS_CONNS: '1',
+        }
+        answer = []
+        for name, _ in decode_pairs(content):
+            value = known.get(name.decode('latin-1'))
+            if value is not None:
+                answer.append((name, value.encode('ascii')))
+        self.send(encode_records(FCGI_GET_VALUES_RESULT, FCGI_NULL_REQUEST_ID,
+                                 encode_pairs(answer)))
+
+    def on_unknown_type(self, record_type: int, content: bytes) -> None:
+        """A management record we do not understand (4.2)."""
+        self.send(encode_records(FCGI_UNKNOWN_TYPE, FCGI_NULL_REQUEST_ID,
+                                 _UNKNOWN_TYPE_BODY.pack(record_type)))
+
+    def on_begin_request(self, request_id: int, content: bytes) -> None:
+        role, keep_conn = decode_begin_request(content)
+        if request_id in self.requests:
+            raise ProtocolError('BEGIN_REQUEST for request %d, which is '
+                                'already active' % request_id)
+        server = self.server
+        if self.closing or server.stopping:
+            protocol_status = FCGI_OVERLOADED
+        elif role not in server.roles:
+            protocol_status = FCGI_UNKNOWN_ROLE
+        elif server.active_requests >= server.max_reqs:
+            protocol_status = FCGI_OVERLOADED
+        else:
+            server.active_requests += 1
+            self.requests[request_id] = Request(self, request_id, role,
+                                                keep_conn)
+            return
+        logger.warning('%s: request %d refused: %s', self, request_id,
+                       'unknown role %d' % role
+                       if protocol_status == FCGI_UNKNOWN_ROLE
+                       else 'overloaded (%d requests active)'
+                       % server.active_requests)
+        self.send(encode_end_request(request_id, 0, protocol_status))
+        if not keep_conn:
+            self.close_write()
+
+    def on_params(self, request_id: int, content: bytes) -> None:
+        request = self.requests.get(request_id)
+        if request is None:
+            return
+        if request.params_done:
+            raise ProtocolError('PARAMS for request %d after its PARAMS '
+                                'stream ended' % request_id)
+        if content:
+            request._params_size += len(content)
+            if request._params_size > self.server.max_params_size:
+                self.refuse(request, '431 Request Header Fields Too Large',
+                            'FCGI_PARAMS over %d bytes'
+                            % self.server.max_params_size)
+                return
+            request._params.append(content)
+            return
+        request.params_done = True
+        params = request._params
+        request._params = None
+        environ = request.environ = decode_environ(
+            params[0] if len(params) == 1 else b''.join(params))
+        if len(environ) > self.server.max_params:
+            self.refuse(request, '431 Request Header Fields Too Large',
+                        '%d FCGI_PARAMS, more than %d'
+                        % (len(environ), self.server.max_params))
+            return
+        request.greenlet = gevent.spawn(self.run_request, request)
+
+    def on_stdin(self, request_id: int, content: bytes) -> None:
+        request = self.requests.get(request_id)
+        if request is None or request.role == FCGI_AUTHORIZER:
+            return
+        self._feed_input(request, request.stdin, content, 'STDIN')
+
+    def on_data(self, request_id: int, content: bytes) -> None:
+        request = self.requests.get(request_id)
+        if request is None or request.role != FCGI_FILTER:
+            return
+        self._feed_input(request, request.data, content, 'DATA')
+
+    def _feed_input(self, request: Request, stream: InputStream,
+                    content: bytes, name: str) -> None:
+        if not request.params_done:
+            raise ProtocolError('%s for request %d before its PARAMS stream '
+                                'ended' % (name, request.id))
+        if stream.eof:
+            raise ProtocolError('%s for request %d after its %s stream ended'
+                                % (name, request.id, name))
+        if content:
+            stream.feed(content)
+        else:
+            stream.feed_eof()
+
+    def on_abort_request(self, request_id: int, content: bytes) -> None:
+        """Cancel that request and answer its END_REQUEST now (5.4); other
+        requests on the connection go on."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return
+        logger.info('%s: %r aborted by the web server', self, request)
+        self.end_request(request, app_status=1,
+                         output=encode_records(FCGI_STDOUT, request_id))
+        if request.greenlet is not None:
+            request.greenlet.kill(RequestAborted, block=False)
+
+    # -- running requests ---------------------------------------------------
+
+    def run_request(self, request: Request) -> None:
+        """The body of a request's greenlet: run the handler, then end the
+        request with whatever it left in its streams."""
+        request.started = True
+        app_status = 0
+        try:
+            result = self.server.request_handler(request)
+            if type(result) is int:
+                app_status = result
+        except (RequestAborted, ConnectionClosed):
+            return          # the request was ended by whoever stopped it
+        except Exception:
+            logger.exception('%s: request handler failed on %r',
+                             self, request)
+            app_status = 1
+            if request.stdout.bytes_written == 0 and not request.ended:
+                request.stdout.write(ERROR_RESPONSE)
+        if not request.ended:
+            output = (request.stdout.take_records()
+                      + encode_records(FCGI_STDOUT, request.id))
+            if request.stderr.bytes_written:
+                output += (request.stderr.take_records()
+                           + encode_records(FCGI_STDERR, request.id))
+            try:
+                self.end_request(request, app_status, output=output)
+            except ConnectionClosed:
+                pass
+
+    def refuse(self, request: Request, status: str, reason: str) -> None:
+        """Answer a request we will not run with an HTTP error of our own."""
+        logger.warning('%s: request %d refused: %s', self, request.id, reason)
+        body = status.encode('ascii')
+        response = (b'Status: ' + body + b'\r\nContent-Type: text/plain\r\n'
+                    b'Content-Length: %d\r\n\r\n' % len(body) + body)
+        self.end_request(request, 0, output=(
+            encode_records(FCGI_STDOUT, request.id, response)
+            + encode_records(FCGI_STDOUT, request.id)))
+
+    def _forget(self, request: Request) -> None:
+        request.ended = True
+        if self.requests.pop(request.id, None) is not None:
+            self.server.active_requests -= 1
+        request.stdin.close()
+        request.data.close()
+
+    def end_request(self, request: Request, app_status: int = 0,
+                    protocol_status: int = FCGI_REQUEST_COMPLETE,
+                    output: bytes = b'') -> None:
+        """Send ``output`` and END_REQUEST; the request becomes inactive."""
+        if request.ended:
+            return
+        self._forget(request)
+        self.send(output + encode_end_request(request.id, app_status,
+                                              protocol_status))
+        if not request.keep_conn:
+            self.close_write()
+        elif self.server.stopping and not self.requests:
+            self.close()
+
+    # -- writing and closing ------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        """Send bytes whole; requests of one connection take turns."""
+        if self.closed:
+            raise ConnectionClosed('connection to the web server is closed')
+        try:
+            with self._send_lock:
+                self.socket.sendall(data)
+        except OSError as exc:
+            if not self.closed:
+                logger.info('%s: connection lost while sending: %s',
+                            self, exc)
+                self.close()
+            raise ConnectionClosed(str(exc)) from None
+
+    def close_write(self) -> None:
+        """Our side is done (a request without FCGI_KEEP_CONN was answered):
+        send FIN and let the web server close, so that nothing it sent late
+        turns our close into a reset; close anyway after linger_timeout."""
+        if self.closing or self.closed:
+            return
+        self.closing = True
+        try:
+            self.socket.shutdown(_stdlib_socket.SHUT_WR)
+        except OSError:
+            self.close()
+            return
+        timer = self._linger_timer = gevent.get_hub().loop.timer(
+            self.linger_timeout)
+        timer.start(self.close)
+
+    def close(self) -> None:
+        """Close the connection; requests still running on it are cancelled
+        (RequestAborted in their greenlets)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._linger_timer is not None:
+            self._linger_timer.close()
+        current = gevent.getcurrent()
+        for request in list(self.requests.values()):
+            self._forget(request)
+            if request.greenlet is not None and request.greenlet is not current:
+                request.greenlet.kill(RequestAborted, block=False)
+        self.socket.close()
+        self.server.connections.discard(self)
+
+    def close_when_idle(self) -> None:
+        """For a stopping server: close now if no request is active, else
+        once the last one ends."""
+        if not self.requests:
+            self.close()
+
+
+# ---------------------------------------------------------------------------
+# 7. Request handlers
+# ---------------------------------------------------------------------------
+#
+# A request handler is any callable that takes a Request (the seed project's
+# IRequestHandler).  It writes a CGI response to request.stdout; it may return
+# an int, sent as the END_REQUEST appStatus.  An exception it lets out is
+# logged and, when nothing was written yet, answered with ERROR_RESPONSE.
+#
+# WSGIRequestHandler is our own PEP 3333 driver, the fast path.
+# WSGIRefRequestHandler runs the standard library's wsgiref.handlers instead,
+# for those who prefer its behaviour to ours.
+
+ERROR_BODY = b'Internal Server Error\n'
+ERROR_RESPONSE = (b'Status: 500 Internal Server Error\r\n'
+                  b'Content-Type: text/plain; charset=utf-8\r\n'
+                  b'Content-Length: %d\r\n\r\n' % len(ERROR_BODY) + ERROR_BODY)
+
+# A status is three digits and a reason phrase (the reason may be empty);
+# header names are RFC 9110 tokens; no control characters anywhere, so an
+# application cannot split the response with CR/LF (gevent's pywsgi checks
+# the same).
+_STATUS_RE = re.compile(r'[1-9][0-9][0-9](?: [^\x00-\x1f\x7f]*)?\Z')
+_HEADER_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_HEADER_VALUE_BAD_RE = re.compile(r'[\x00-\x08\x0a-\x1f\x7f]')
+_HTTPS_ON = frozenset(('on', '1', 'yes', 'true'))
+
+
+class FileWrapper:
+    """``wsgi.file_wrapper``: iterates a file in blocks.  The driver sends a
+    file's blocks without a flush between them, a file never blocks."""
+
+    def __init__(self, filelike, blksize: int = DEFAULT_FLUSH_SIZE) -> None:
+        self.filelike = filelike
+        self.blksize = blksize
+        if hasattr(filelike, 'close'):
+            self.close = filelike.close
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> bytes:
+        data = self.filelike.read(self.blksize)
+        if data:
+            return data
+        raise StopIteration
+
+
+class ErrorStream:
+    """``wsgi.errors``: a text stream (PEP 3333) sent on FCGI_STDERR, which
+    lands in the web server's error log."""
+
+    __slots__ = ('_stream',)
+
+    def __init__(self, stream: OutputStream) -> None:
+        self._stream = stream
+
+    def write(self, text) -> int:
+        self._stream.write(text)
+        return len(text)
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self._stream.write(line)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+
+def _wsgi_url_scheme(environ: Dict[str, str]) -> str:
+    # Web servers say HTTPS as "on", "ON", "1", or only through REQUEST_SCHEME.
+    if (environ.get('HTTPS', '').lower() in _HTTPS_ON
+            or environ.get('REQUEST_SCHEME', '').lower() == 'https'):
+        return 'https'
+    return 'http'
+
+
+class WSGIRequestHandler:
+    """Runs a WSGI application (PEP 3333) for each request.
+
+    ``debug=True`` sends the traceback of a failing application to the
+    client; never do that in production.
+
+    Beyond PEP 3333 the environ holds ``fastcgi.role`` (RESPONDER,
+    AUTHORIZER or FILTER), ``fastcgi.data`` (the FILTER role's FCGI_DATA
+    stream, a file-like object; empty for other roles) and
+    ``fastcgi.request`` (the Request).
+    """
+
+    def __init__(self, app, debug: bool = False) -> None:
+        if not callable(app):
+            raise TypeError('WSGI application %r is not callable' % (app,))
+        self.app = app
+        self.debug = debug
+
+    def __repr__(self) -> str:
+        return '<%s for %r>' % (type(self).__name__, self.app)
+
+    def make_environ(self, request: Request) -> Dict:
+        environ = request.environ
+        environ.setdefault('SCRIPT_NAME', '')
+        environ.setdefault('PATH_INFO', '')
+        environ.setdefault('QUERY_STRING', '')
+        environ.setdefault('REQUEST_METHOD', 'GET')
+        environ.setdefault('SERVER_PROTOCOL', 'HTTP/1.1')
+        if 'SERVER_NAME' not in environ:
+            environ['SERVER_NAME'] = 'localhost'
+        if 'SERVER_PORT' not in environ:
+            environ['SERVER_PORT'] = '80'
+        environ.update({
+            'wsgi.version': (1, 0),
+            'wsgi.url_scheme': _wsgi_url_scheme(environ),
+            'wsgi.input': request.stdin,
+            'wsgi.errors': ErrorStream(request.stderr),
+            # Greenlets run requests concurrently in one process: for the
+            # application that is what threads would be.
+            'wsgi.multithread': True,
+            'wsgi.multiprocess': request.server.num_workers > 1,
+            'wsgi.run_once': False,
+            'wsgi.file_wrapper': FileWrapper,
+            'wsgi.input_terminated': True,
+            'fastcgi.role': ROLE_NAMES.get(request.role, str(request.role)),
+            'fastcgi.data': request.data,
+            'fastcgi.request': request,
+        })
+        return environ
+
+    def __call__(self, request: Request) -> int:
+        environ = self.make_environ(request)
+        response = WSGIResponse(request, environ)
+        try:
+            result = self.app(environ, response.start_response)
+            try:
+                response.send_body(result)
+            finally:
+                close = getattr(result, 'close', None)
+                if close is not None:
+                    close()
+            response.finish()
+            return 0
+        except (RequestAborted, ConnectionClosed):
+            raise
+        except Exception:
+            response.fail(sys.exc_info(), self.debug)
+            return 1
+
+
+class WSGIResponse:
+    """The state of one WSGI response: start_response, write() and the
+    iteration of the application's result."""
+
+    __slots__ = ('request', 'stdout', 'is_head', 'status', 'headers',
+                 'headers_sent', 'has_content_length', 'bytes_sent')
+
+    def __init__(self, request: Request, environ: Dict) -> None:
+        self.request = request
+        self.stdout = request.stdout
+        self.is_head = environ['REQUEST_METHOD'] == 'HEAD'
+        self.status = None
+        self.headers = None
+        self.headers_sent = False
+        self.has_content_length = False
+        self.bytes_sent = 0
+
+    def start_response(self, status, headers, exc_info=None):
+        if exc_info is not None:
+            try:
+                if self.headers_sent:
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None
+        elif self.status is not None:
+            raise AssertionError('start_response() called a second time '
+                                 'without exc_info')
+        if type(status) is not str:
+            raise TypeError('status must be str, not %r' % (status,))
+        if not _STATUS_RE.match(status):
+            raise ValueError('status %r is not "NNN Reason"' % (status,))
+        if type(headers) is not list:
+            raise TypeError('headers must be a list, not %r' % (headers,))
+        has_content_length = False
+        for header in headers:
+            if type(header) is not tuple or len(header) != 2:
+                raise TypeError('header %r is not a (name, value) tuple'
+                                % (header,))
+            name, value = header
+            if type(name) is not str or type(value) is not str:
+                raise TypeError('header %r: name and value must be str'
+                                % (header,))
+            if not _HEADER_NAME_RE.match(name):
+                raise ValueError('header name %r is not a valid token' % name)
+            if _HEADER_VALUE_BAD_RE.search(value):
+                raise ValueError('header %s: value %r holds control '
+                                 'characters (CR/LF?)' % (name, value))
+            if len(name) == 14 and name.lower() == 'content-length':
+                has_content_length = True
+        status.encode('latin-1')     # UnicodeEncodeError if it is not
+        self.status = status
+        self.headers = headers
+        self.has_content_length = has_content_length
+        return self.write
+
+    def _header_block(self, content_length=None) -> bytes:
+        lines = ['Status: %s\r\n' % self.status]
+        lines += ['%s: %s\r\n' % header for header in self.headers]
+        if content_length is not None and not self.has_content_length:
+            lines.append('Content-Length: %d\r\n' % content_length)
+        lines.append('\r\n')
+        return ''.join(lines).encode('latin-1')
+
+    def _send(self, data: bytes, content_length=None) -> None:
+        if not self.headers_sent:
+            if self.status is None:
+                raise AssertionError('the application sent body bytes '
+                                     'before calling start_response()')
+            self.stdout.write(self._header_block(content_length))
+            self.headers_sent = True
+        if data and not self.is_head:
+            self.stdout.write(data)
+        self.bytes_sent += len(data)
+
+    def write(self, data: bytes) -> None:
+        """The write() callable start_response returns: sent at once."""
+        if type(data) is not bytes:
+            raise TypeError('write() takes bytes, not %s' % type(data).__name__)
+        self._send(data)
+        self.stdout.flush()
+
+    def send_body(self, result) -> None:
+        if type(result) in (list, tuple):
+            # Everything is here already: send it together, with a length.
+            total = 0
+            for chunk in result:
+                if type(chunk) is not bytes:
+                    raise _not_bytes(chunk)
+                total += len(chunk)
+            if self.headers_sent or self.status is None:
+                for chunk in result:
+                    self._send(chunk)
+            else:
+                self._send(b''.join(result), total)
+            return
+        # An iterator may block between blocks: each block leaves at once
+        # (PEP 3333: "must not delay the transmission of any block"), except
+        # for files, which do not block.
+        flush = self.stdout.flush if type(result) is not FileWrapper else None
+        for chunk in result:
+            if type(chunk) is not bytes:
+                raise _not_bytes(chunk)
+            if chunk:
+                self._send(chunk)
+                if flush is not None:
+                    flush()
+
+    def finish(self) -> None:
+        if not self.headers_sent:
+            self._send(b'', 0)
+
+    def fail(self, exc_info, debug: bool) -> None:
+        request = self.request
+        logger.error('%s: application failed on %r', request.connection,
+                     request, exc_info=exc_info)
+        if self.headers_sent:
+            return      # too late for an error page; the response is cut
+        if debug:
+            body = ''.join(traceback.format_exception(*exc_info)).encode(
+                'utf-8', 'backslashreplace')
+            response = (b'Status: 500 Internal Server Error\r\n'
+                        b'Content-Type: text/plain; charset=utf-8\r\n'
+                        b'Content-Length: %d\r\n\r\n' % len(body) + body)
+        else:
+            response = ERROR_RESPONSE
+        self.stdout._chunks = []        # drop headers gathered, not sent
+        self.stdout._pending = 0
+        self.stdout.write(response)
+
+
+def _not_bytes(chunk) -> TypeError:
+    return TypeError('WSGI application returned %s, not bytes: %r; encode '
+                     'the body (PEP 3333)' % (type(chunk).__name__, chunk[:40]
+                                             if isinstance(chunk, str)
+                                             else chunk))
+
+
+class WSGIRefRequestHandler:
+    """Runs a WSGI application through wsgiref.handlers.BaseCGIHandler."""
+
+    def __init__(self, app) -> None:
+        if not callable(app):
+            raise TypeError('WSGI application %r is not callable' % (app,))
+        self.app = app
+
+    def __call__(self, request: Request) -> None:
+        handler = _WSGIRefHandler(
+            request.stdin, request.stdout, ErrorStream(request.stderr),
+            request.environ, multithread=True,
+            multiprocess=request.server.num_workers > 1)
+        handler.request = request
+        handler.run(self.app)
+
+
+def _make_wsgiref_handler():
+    # wsgiref is imported only by those who use it.
+    from wsgiref.handlers import BaseCGIHandler
+
+    class Handler(BaseCGIHandler):
+        # Without this the worker's own environment (secrets included)
+        # would be copied into every request's environ.
+        os_environ = {}
+        wsgi_file_wrapper = FileWrapper
+        _in_headers = False
+
+        def send_headers(self):
+            self._in_headers = True
+            try:
+                super().send_headers()
+            finally:
+                self._in_headers = False
+
+        def _write(self, data):
+            # A HEAD response carries headers only (HAProxy answers 502 to
+            # one with a body).
+            if self._in_headers or self.environ['REQUEST_METHOD'] != 'HEAD':
+                self.stdout.write(data)
+
+        def log_exception(self, exc_info):
+            logger.error('%s: application failed on %r',
+                         self.request.connection, self.request,
+                         exc_info=exc_info)
+
+    return Handler
+
+
+class _LazyWSGIRefHandler:
+    cls = None
+
+    def __call__(self, *args, **kwargs):
+        if self.cls is None:
+            self.cls = _make_wsgiref_handler()
+        return self.cls(*args, **kwargs)
+
+
+_WSGIRefHandler = _LazyWSGIRefHandler()
+
+
+# ---------------------------------------------------------------------------
+# 8. Listening sockets and FastCGIServer
+# ---------------------------------------------------------------------------
+
+def _parse_roles(role) -> frozenset:
+    """role: FCGI_* int or name ('responder'), or an iterable of them."""
+    if isinstance(role, (int, str)):
+        role = [role]
+    roles = set()
+    by_name = {name.lower(): value for value, name in ROLE_NAMES.items()}
+    for item in role:
+        if isinstance(item, str):
+            value = by_name.get(item.lower())
+            if value is None:
+                raise ValueError('unknown role %r: use responder, authorizer '
+                                 'or filter' % item)
+            item = value
+        if item not in ROLE_NAMES:
+            raise ValueError('unknown role %r: use FCGI_RESPONDER (1), '
+                             'FCGI_AUTHORIZER (2) or FCGI_FILTER (3)' % item)
+        roles.add(item)
+    if not roles:
+        raise ValueError('role: serve at least one role')
+    return frozenset(roles)
+
+
+def _remove_stale_unix_socket(path: str) -> None:
+    """A socket file left by a crashed run is removed; one that a live server
+    still listens on, or a file that is not a socket, stops start-up."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(errno.EEXIST, '%s exists and is not a socket: remove it '
+                      'or choose another path' % path)
+    probe = _stdlib_socket.socket(_stdlib_socket.AF_UNIX)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        logger.info('removing stale unix socket %s', path)
+        os.unlink(path)
+        return
+    except OSError:
+        pass        # a live but busy listener: leave it alone
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, 'another server is listening on %s: stop '
+                  'it or choose another path' % path)
+
+
+def create_listener(address, backlog: int = 128, socket_mode=None):
+    """Bind and listen: ``address`` is (host, port) for TCP over IPv4 or IPv6
+    or a str path for a unix socket, created with ``socket_mode`` and never
+    with wider permissions in between."""
+    if isinstance(address, (str, bytes, os.PathLike)):
+        path = os.fsdecode(address)
+        _remove_stale_unix_socket(path)
+        sock = gevent.socket.socket(_stdlib_socket.AF_UNIX,
+                                    _stdlib_socket.SOCK_STREAM)
+        try:
+            if socket_mode is not None:
+                # The file is born with mode & ~umask: with this umask it is
+                # never more open than asked, not even for an instant.
+                old_umask = os.umask(0o777 & ~socket_mode)
+                try:
+                    sock.bind(path)
+                finally:
+                    os.umask(old_umask)
+                os.chmod(path, socket_mode)
+            else:
+                sock.bind(path)
+            sock.listen(backlog)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    if not (isinstance(address, tuple) and len(address) in (2, 4)):
+        raise ValueError('address must be (host, port) or a unix socket '
+                         'path, not %r' % (address,))
+    host, port = address[:2]
+    infos = _stdlib_socket.getaddrinfo(
+        host or None, port, _stdlib_socket.AF_UNSPEC,
+        _stdlib_socket.SOCK_STREAM, 0, _stdlib_socket.AI_PASSIVE)
+    family, socktype, proto, _, sockaddr = infos[0]
+    sock = gevent.socket.socket(family, socktype, proto)
+    try:
+        sock.setsockopt(_stdlib_socket.SOL_SOCKET,
+                        _stdlib_socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _is_socket(obj) -> bool:
+    return hasattr(obj, 'accept') and hasattr(obj, 'getsockname')
+
+
+class FastCGIServer(StreamServer):
+    """A FastCGI server: accepts connections from web servers and runs
+    ``request_handler(request)`` for each request.
+
+    address        (host, port) for TCP (IPv4 or IPv6), a path for a unix
+                   socket, or a listening socket object
+    request_handler  callable taking a Request, e.g. WSGIRequestHandler(app)
+    role           role(s) served: FCGI_RESPONDER (default), FCGI_AUTHORIZER,
+                   FCGI_FILTER, their names, or a list; others get
+                   FCGI_UNKNOWN_ROLE
+    num_workers    processes serving the socket (1: this process serves)
+    max_conns      connections served at once by a process; more wait in
+                   the backlog (FCGI_MAX_CONNS)
+    max_reqs       requests served at once by a process; more are refused
+                   with FCGI_OVERLOADED (FCGI_MAX_REQS)
+    socket_mode    permissions of a unix socket, e.g. 0o660
+    backlog        listen() backlog
+    spool_size     request bodies larger than this go to a temporary file
+    max_params_size, max_params   limits of one request's FCGI_PARAMS,
+                   beyond which it is answered 431
+    stop_timeout   seconds a stopping server waits for requests in flight
+
+    The socket is bound when the server is created, so that a bad address
+    fails at once; it is closed by stop().
+    """
+
+    connection_class = Connection
+    #: seconds stop() waits for requests in flight before cancelling them
+    stop_timeout = 30.0
+
+    def __init__(self, address, request_handler, role=FCGI_RESPONDER,
+                 num_workers: int = 1, max_conns: int = 1024,
+                 max_reqs: int = 1024, socket_mode: Optional[int] = None,
+                 backlog: Optional[int] = None,
+                 spool_size: int = DEFAULT_SPOOL_SIZE,
+                 max_params_size: int = 1024 * 1024,
+                 max_params: int = 10000,
+                 stop_timeout: Optional[float] = None) -> None:
+        if not callable(request_handler):
+            raise TypeError('request_handler %r is not callable'
+                            % (request_handler,))
+        for name, value, least in (('num_workers', num_workers, 1),
+                                   ('max_conns', max_conns, 1),
+                                   ('max_reqs', max_reqs, 1),
+                                   ('spool_size', spool_size, 0),
+                                   ('max_params_size', max_params_size, 1),
+                                   ('max_params', max_params, 1)):
+            if type(value) is not int or value < least:
+                raise ValueError('%s must be an int of at least %d, not %r'
+                                 % (name, least, value))
+        if socket_mode is not None and (type(socket_mode) is not int
+                                        or not 0 <= socket_mode <= 0o777):
+            raise ValueError('socket_mode must be an int such as 0o660, '
+                             'not %r' % (socket_mode,))
+        self.request_handler = request_handler
+        self.roles = _parse_roles(role)
+        self.num_workers = num_workers
+        self.max_conns = max_conns
+        self.max_reqs = max_reqs
+        self.socket_mode = socket_mode
+        self.spool_size = spool_size
+        self.max_params_size = max_params_size
+        self.max_params = max_params
+        if stop_timeout is not None:
+            self.stop_timeout = stop_timeout
+        self.active_requests = 0
+        self.stopping = False
+        self.connections = set()
+        self.unix_path = None
+        self._bound_by_pid = None
+        if _is_socket(address):
+            listener = address
+        else:
+            listener = create_listener(address, backlog or self.backlog,
+                                       socket_mode)
+            self._bound_by_pid = os.getpid()
+            if listener.family == _stdlib_socket.AF_UNIX:
+                self.unix_path = os.fsdecode(address)
+        if num_workers > 1:
+            # Several processes share the socket: each takes one connection
+            # per wake-up so that the load spreads over them.
+            self.max_accept = 1
+        StreamServer.__init__(self, listener,
+                              spawn=gevent.pool.Pool(max_conns))
+
+    def handle(self, sock, address) -> None:
+        connection = self.connection_class(self, sock, address)
+        self.connections.add(connection)
+        connection.run()
+
+    def stop(self, timeout=None) -> None:
+        """Stop accepting; idle connections close now, busy ones when their
+        last request ends; what still runs after ``timeout`` (default
+        stop_timeout) is cancelled."""
+        self.stopping = True
+        for connection in list(self.connections):
+            connection.close_when_idle()
+        try:
+            StreamServer.stop(self, timeout)
+        finally:
+            self._remove_unix_socket()
+
+    def _remove_unix_socket(self) -> None:
+        if self.unix_path and self._bound_by_pid == os.getpid():
+            try:
+                os.unlink(self.unix_path)
+            except OSError:
+                pass
+            self.unix_path = None
+
+    def serve_forever(self, stop_timeout=None) -> None:
+        if self.num_workers > 1:
+            Arbiter(self).run()
+        else:
+            StreamServer.serve_forever(self, stop_timeout)
+
+
+# ---------------------------------------------------------------------------
+# 9. Prefork master and workers
+# ---------------------------------------------------------------------------
+#
+# After gunicorn's arbiter: the master binds once, forks the workers, and then
+# only watches them.  Signal handlers only queue the signal and wake the main
+# loop, which handles it by name (handle_term, ...).  The master runs no
+# greenlet: it waits in select() on a pipe that signals write to.
+
+class Arbiter:
+    """Runs ``server`` in ``server.num_workers`` forked processes."""
+
+    SIGNALS = ('SIGTERM', 'SIGINT', 'SIGQUIT', 'SIGCHLD')
+
+    def __init__(self, server: FastCGIServer) -> None:
+        self.server = server
+        self.workers: Dict[int, float] = {}     # pid -> start time
+        self.signal_queue: List[int] = []
+        self.running = False
+        self._wake_r = self._wake_w = None
+
+    def run(self) -> None:
+        import select
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        for name in self.SIGNALS:
+            signal.signal(getattr(signal, name), self._queue_signal)
+        self.running = True
+        logger.info('master %d serving %s with %d workers', os.getpid(),
+                    self.server.address, self.server.num_workers)
+        try:
+            self.spawn_workers()
+            while self.running:
+                while self.signal_queue:
+                    signum = self.signal_queue.pop(0)
+                    name = signal.Signals(signum).name.lower()
+                    getattr(self, 'handle_' + name[3:])()
+                if self.running:
+                    self.reap_workers()
+                    self.spawn_workers()
+                    try:
+                        select.select([self._wake_r], [], [], 1.0)
+                        os.read(self._wake_r, 4096)
+                    except (InterruptedError, BlockingIOError):
+                        pass
+        finally:
+            for name in self.SIGNALS:
+                signal.signal(getattr(signal, name), signal.SIG_DFL)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self.server.close()
+            self.server._remove_unix_socket()
+
+    def _queue_signal(self, signum, frame) -> None:
+        self.signal_queue.append(signum)
+        try:
+            os.write(self._wake_w, b'.')
+        except OSError:
+            pass
+
+    def handle_chld(self) -> None:
+        self.reap_workers()
+
+    def handle_term(self) -> None:
+        self.stop(graceful=True)
+
+    handle_int = handle_term
+
+    def handle_quit(self) -> None:
+        self.stop(graceful=False)
+
+    def reap_workers(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.workers.clear()
+                return
+            if not pid:
+                return
+            if pid in self.workers:
+                del self.workers[pid]
+                if os.WIFSIGNALED(status):
+                    logger.warning('worker %d killed by signal %d', pid,
+                                   os.WTERMSIG(status))
+                elif os.WEXITSTATUS(status):
+                    logger.warning('worker %d exited with status %d', pid,
+                                   os.WEXITSTATUS(status))
+                else:
+                    logger.info('worker %d exited', pid)
+
+    def spawn_workers(self) -> None:
+        while self.running and len(self.workers) < self.server.num_workers:
+            pid = gevent.fork()
+            if pid == 0:
+                self._run_worker()      # never returns
+            logger.info('worker %d started', pid)
+            self.workers[pid] = time.monotonic()
+
+    def _run_worker(self) -> None:
+        status = 0
+        try:
+            for name in self.SIGNALS:
+                signal.signal(getattr(signal, name), signal.SIG_DFL)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            server = self.server
+            server.start()
+            gevent.signal_handler(signal.SIGTERM, server._stop_event.set)
+            gevent.signal_handler(signal.SIGINT, server._stop_event.set)
+            server._stop_event.wait()
+            server.stop()
+        except BaseException:
+            logger.exception('worker %d failed', os.getpid())
+            status = 1
+        finally:
+            logging.shutdown()
+            os._exit(status)
+
+    def stop(self, graceful: bool = True) -> None:
+        self.running = False
+        sig = signal.SIGTERM if graceful else signal.SIGKILL
+        for pid in list(self.workers):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + self.server.stop_timeout + 1
+        while self.workers and time.monotonic() < deadline:
+            self.reap_workers()
+            time.sleep(0.05)
+        for pid in list(self.workers):
+            logger.warning('worker %d did not stop in time: killed', pid)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        while self.workers:
+            self.reap_workers()
+            time.sleep(0.01)
+        logger.info('master %d stopped', os.getpid())
+
+
+# ---------------------------------------------------------------------------
+# 10. Options table, PasteDeploy server runners
+# ---------------------------------------------------------------------------
+#
+# One table (after waitress's adjustments) says, for every setting, its
+# FastCGIServer keyword, its command-line flag, how text becomes a value, and
+# what it does.  The command line, the Paste runners and the Django command
+# are all read through it, so a setting is spelt and checked the same way
+# everywhere, and an unknown key is an error naming it.
+
+def _to_bool(text) -> bool:
+    if isinstance(text, bool):
+        return text
+    value = str(text).strip().lower()
+    if value in ('1', 'yes', 'y', 'on', 'true', 't'):
+        return True
+    if value in ('0', 'no', 'n', 'off', 'false', 'f', ''):
+        return False
+    raise ValueError('%r is not a boolean: use yes/no, on/off, true/false '
+                     'or 1/0' % (text,))
+
+
+def _to_int(least: int):
+    def convert(text) -> int:
+        try:
+            value = int(str(text).strip(), 10)
+        except ValueError:
+            raise ValueError('%r is not a whole number' % (text,)) from None
+        if value < least:
+            raise ValueError('%d is less than %d' % (value, least))
+        return value
+    convert.__name__ = 'int'
+    return convert
+
+
+def _to_float(text) -> float:
+    try:
+        value = float(str(text).strip())
+    except ValueError:
+        raise ValueError('%r is not a number of seconds' % (text,)) from None
+    if value < 0:
+        raise ValueError('%r is negative' % (text,))
+    return value
+
+
+def _to_mode(text) -> int:
+    """File mode as people write it: 0660, 660, 0o660 are all octal."""
+    if isinstance(text, int):
+        return text
+    digits = str(text).strip().lower()
+    if digits.startswith('0o'):
+        digits = digits[2:]
+    try:
+        value = int(digits, 8)
+    except ValueError:
+        raise ValueError('%r is not an octal file mode such as 0660'
+                         % (text,)) from None
+    if not 0 <= value <= 0o777:
+        raise ValueError('%r is not a file mode between 000 and 777' % (text,))
+    return value
+
+
+def _to_role(text):
+    if isinstance(text, (int, frozenset, set, list, tuple)):
+        return _parse_roles(text)
+    return _parse_roles([part for part in re.split(r'[,\s]+', str(text))
+                         if part])
+
+
+class Option(NamedTuple):
+    name: str           # FastCGIServer keyword and Paste/Django key
+    flag: str           # command-line flag
+    convert: object     # text -> value; raises ValueError with a reason
+    help: str
+
+
+SERVER_OPTIONS = [
+    Option('num_workers', '--workers', _to_int(1),
+           'worker processes (default 1: the server process serves)'),
+    Option('max_conns', '--max-conns', _to_int(1),
+           'connections served at once by a process; more wait in the '
+           'listen backlog (default 1024)'),
+    Option('max_reqs', '--max-reqs', _to_int(1),
+           'requests served at once by a process; more are refused with '
+           'FCGI_OVERLOADED (default 1024)'),
+    Option('socket_mode', '--socket-mode', _to_mode,
+           'permissions of a unix socket, octal, e.g. 0660'),
+    Option('backlog', '--backlog', _to_int(1),
+           'listen() backlog (default 128)'),
+    Option('role', '--role', _to_role,
+           'FastCGI role(s) served, comma-separated: responder, authorizer, '
+           'filter (default responder)'),
+    Option('spool_size', '--spool-size', _to_int(0),
+           'request bodies larger than this many bytes are spooled to a '
+           'temporary file (default 1048576)'),
+    Option('max_params_size', '--max-params-size', _to_int(1),
+           'most bytes of FCGI_PARAMS per request, beyond: 431 '
+           '(default 1048576)'),
+    Option('max_params', '--max-params', _to_int(1),
+           'most FCGI_PARAMS per request, beyond: 431 (default 10000)'),
+    Option('stop_timeout', '--graceful-timeout', _to_float,
+           'seconds a stopping server waits for requests in flight '
+           '(default 30)'),
+]
+OPTIONS_BY_NAME = {option.name: option for option in SERVER_OPTIONS}
+
+# Settings of the runner rather than of FastCGIServer.
+HANDLERS = {'wsgi': 'WSGIRequestHandler', 'wsgiref': 'WSGIRefRequestHandler',
+            'fastcgi': None}
+MONKEY_PREFIX = 'gevent.monkey.'
+
+
+def convert_options(settings: Dict, where: str) -> Dict:
+    """Settings as text (Paste ini, Django options) -> FastCGIServer keywords.
+    Unknown keys and bad values raise ValueError naming the key."""
+    options = {}
+    for key, text in settings.items():
+        option = OPTIONS_BY_NAME.get(key)
+        if option is None:
+            raise ValueError('%s: unknown setting %r; known settings: %s'
+                             % (where, key, ', '.join(sorted(OPTIONS_BY_NAME))))
+        try:
+            options[key] = option.convert(text)
+        except ValueError as exc:
+            raise ValueError('%s: bad value for %s: %s' % (where, key, exc)) \
+                from None
+    return options
+
+
+def monkey_patch(names: Iterable[str]) -> None:
+    """Call gevent.monkey.patch_<name>() for each name ('all', 'socket'...)."""
+    from gevent import monkey
+    for name in names:
+        function = getattr(monkey, 'patch_' + name, None)
+        if function is None or not callable(function):
+            raise ValueError('gevent.monkey has no patch_%s' % name)
+        function()
+
+
+def _paste_runner(handler_name: str):
+    def run(app, global_conf=None, **local_conf):
+        where = 'gevent_fastcgi#%s' % handler_name
+        settings = dict(local_conf)
+        host = settings.pop('host', None)
+        port = settings.pop('port', None)
+        path = settings.pop('socket', None)
+        debug = _to_bool(settings.pop('debug', False))
+        patches = []
+        for key in [k for k in settings if k.startswith(MONKEY_PREFIX)]:
+            value = settings.pop(key)
+            try:
+                wanted = _to_bool(value)
+            except ValueError as exc:
+                raise ValueError('%s: bad value for %s: %s'
+                                 % (where, key, exc)) from None
+            if wanted:
+                patches.append(key[len(MONKEY_PREFIX):].replace('patch_', '',
+                                                                1))
+        options = convert_options(settings, where)
+        if path and (host or port):
+            raise ValueError('%s: give either socket or host and port, not '
+                             'both' % where)
+        if path:
+            address = path
+        else:
+            try:
+                address = (host or '127.0.0.1', _to_int(0)(port or 4000))
+            except ValueError as exc:
+                raise ValueError('%s: bad port: %s' % (where, exc)) from None
+        if patches:
+            monkey_patch(patches)
+        server = FastCGIServer(address, make_handler(handler_name, app, debug),
+                               **options)
+        logger.info('serving %r on %s', app, address)
+        server.serve_forever()
+    run.__name__ = 'run_' + handler_name
+    run.__doc__ = ('PasteDeploy server runner: ``use = egg:gevent_fastcgi#%s``'
+                   % handler_name)
+    return run
+
+
+def make_handler(handler_name: str, app, debug: bool = False):
+    """'wsgi' | 'wsgiref' | 'fastcgi' -> the request handler serving app."""
+    if handler_name == 'wsgi':
+        return WSGIRequestHandler(app, debug=debug)
+    if handler_name == 'wsgiref':
+        return WSGIRefRequestHandler(app)
+    if handler_name == 'fastcgi':
+        return app
+    raise ValueError('unknown handler %r: use wsgi, wsgiref or fastcgi'
+                     % (handler_name,))
+
+
+run_wsgi = _paste_runner('wsgi')
+run_wsgiref = _paste_runner('wsgiref')
+run_fastcgi = _paste_runner('fastcgi')
+
+
+# ---------------------------------------------------------------------------
+# 12. Optional zope.interface declarations
+# ---------------------------------------------------------------------------
+#
+# IRequest and IRequestHandler are made on first access (PEP 562 module
+# __getattr__), so zope.interface is imported only by those who use it, and
+# the shipped classes are declared to provide them at that moment.
+
+_interfaces = {}
+
+
+def _declare_interfaces() -> Dict:
+    if _interfaces:
+        return _interfaces
+    from zope.interface import Attribute, Interface, classImplements
+
+    class IRequest(Interface):
+        """One FastCGI request as a request handler receives it."""
+        id = Attribute('request id (int)')
+        role = Attribute('FCGI_RESPONDER, FCGI_AUTHORIZER or FCGI_FILTER')
+        keep_conn = Attribute('FCGI_KEEP_CONN flag of the request (bool)')
+        environ = Attribute('dict of the FCGI_PARAMS the web server sent')
+        stdin = Attribute('file-like request body (FCGI_STDIN)')
+        data = Attribute('file-like FCGI_DATA stream (FILTER role)')
+        stdout = Attribute('file-like output for the CGI response')
+        stderr = Attribute('file-like output to the web server error log')
+
+    class IRequestHandler(Interface):
+        """A callable that serves a request."""
+
+        def __call__(request):
+            """Serve ``request`` (an IRequest); may return an int, the
+            END_REQUEST appStatus."""
+
+    classImplements(Request, IRequest)
+    classImplements(WSGIRequestHandler, IRequestHandler)
+    classImplements(WSGIRefRequestHandler, IRequestHandler)
+    _interfaces.update(IRequest=IRequest, IRequestHandler=IRequestHandler)
+    return _interfaces
+
+
+def __getattr__(name: str):
+    if name in ('IRequest', 'IRequestHandler'):
+        return _declare_interfaces()[name]
+    raise AttributeError('module %r has no attribute %r' % (__name__, name))
+
+
+def _register_seed_module_names() -> None:
+    """The seed project's import paths keep working:
+    ``from gevent_fastcgi.server import FastCGIServer``,
+    ``from gevent_fastcgi.wsgi import WSGIRequestHandler``,
+    ``from gevent_fastcgi.interfaces import IRequestHandler``."""
+    import types
+    module = sys.modules.get(__name__)
+    if module is None or __name__ == '__main__':
+        return
+    for name in ('server', 'wsgi', 'const', 'base'):
+        sys.modules.setdefault('%s.%s' % (__name__, name), module)
+    interfaces = types.ModuleType(__name__ + '.interfaces',
+                                  'IRequest and IRequestHandler (zope)')
+
+    def interfaces_getattr(name):
+        if name in ('IRequest', 'IRequestHandler'):
+            return _declare_interfaces()[name]
+        raise AttributeError(name)
+    interfaces.__getattr__ = interfaces_getattr
+    sys.modules.setdefault(interfaces.__name__, interfaces)
+
+
+_register_seed_module_names()
+
+
+# ---------------------------------------------------------------------------
+# 13. Command line
+# ---------------------------------------------------------------------------
+
+def parse_address(text: str):
+    """'host:port', '[v6]:port', ':port' (all interfaces), 'unix:/path' or a
+    path -> what FastCGIServer takes."""
+    text = text.strip()
+    if text.startswith('unix:'):
+        return text[5:]
+    if text.startswith(('/', './', '../')):
+        return text
+    match = re.match(r'\[([0-9A-Fa-f:.%a-zA-Z]+)\]:(\d+)\Z', text)
+    if match is None:
+        match = re.match(r'([^:\[\]]*):(\d+)\Z', text)
+    if match is None:
+        raise ValueError('%r is not host:port, [ipv6]:port or unix:/path'
+                         % text)
+    port = int(match.group(2))
+    if port > 65535:
+        raise ValueError('port %d is over 65535' % port)
+    return (match.group(1) or '0.0.0.0', port)
+
+
+def load_app(spec: str):
+    """'module:name', 'module:name.attr' or 'module:factory()' -> object;
+    'module' alone means 'module:application'."""
+    import importlib
+    module_name, _, name = spec.partition(':')
+    name = name or 'application'
+    call = name.endswith('()')
+    if call:
+        name = name[:-2]
+    module = importlib.import_module(module_name)
+    obj = module
+    for part in name.split('.'):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise LookupError('%s has no attribute %r (from %r)'
+                              % (module_name, name, spec)) from None
+    return obj() if call else obj
+
+
+def demo_app(environ, start_response):
+    """The built-in demo: a page showing the request as the server got it."""
+    import html
+    rows = ''.join('<tr><th>%s</th><td>%s</td></tr>'
+                   % (html.escape(key), html.escape(repr(environ[key])))
+                   for key in sorted(environ) if key != 'fastcgi.request')
+    body = ('<!DOCTYPE html><html><head><meta charset="utf-8">'
+            '<title>gevent_fastcgi %s</title></head><body>'
+            '<h1>gevent_fastcgi %s works</h1><p>This is the built-in demo '
+            'application; run your own with <code>python -m gevent_fastcgi '
+            'module:app</code>. The request as it arrived:</p>'
+            '<table>%s</table></body></html>\n'
+            % (__version__, __version__, rows)).encode('utf-8')
+    start_response('200 OK', [('Content-Type', 'text/html; charset=utf-8'),
+                              ('Content-Length', str(len(body)))])
+    if environ['REQUEST_METHOD'] == 'HEAD':
+        return [b'']
+    return [body]
+
+
+def build_parser():
+    import argparse
+
+    def checked(convert):
+        def parse(text):
+            try:
+                return convert(text)
+            except ValueError as exc:
+                raise argparse.ArgumentTypeError(str(exc)) from None
+        parse.__name__ = getattr(convert, '__name__', 'value')
+        return parse
+
+    parser = argparse.ArgumentParser(
+        prog='python -m gevent_fastcgi',
+        description='Serve a WSGI application (or a FastCGI request handler) '
+                    'over FastCGI. Without APP, a demo page that shows each '
+                    'request.')
+    parser.add_argument('app', nargs='?', metavar='APP',
+                        help='module:name of the WSGI application (or '
+                             'module:factory() to call a factory); default: '
+                             'the built-in demo')
+    parser.add_argument('-b', '--bind', default='127.0.0.1:9000',
+                        type=checked(parse_address), metavar='ADDRESS',
+                        help='host:port, [ipv6]:port or unix:/path to listen '
+                             'on (default 127.0.0.1:9000)')
+    parser.add_argument('--handler', choices=sorted(HANDLERS), default='wsgi',
+                        help='wsgi: our WSGI driver (default); wsgiref: the '
+                             'standard library\'s; fastcgi: APP is a request '
+                             'handler taking a Request')
+    for option in SERVER_OPTIONS:
+        parser.add_argument(option.flag, dest=option.name,
+                            type=checked(option.convert), help=option.help)
+    parser.add_argument('--debug', action='store_true',
+                        help='send tracebacks of failing requests to the '
+                             'client (never in production)')
+    parser.add_argument('--log-level', default='info',
+                        choices=['debug', 'info', 'warning', 'error'],
+                        help='logging level (default info)')
+    parser.add_argument('--chdir', metavar='DIR',
+                        help='change to DIR before loading APP')
+    parser.add_argument('--monkey-patch', metavar='NAMES',
+                        help='comma-separated gevent.monkey patches to apply '
+                             'before APP is imported, e.g. all or '
+                             'socket,ssl')
+    parser.add_argument('--version', action='version',
+                        version='gevent_fastcgi %s' % __version__)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format='%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s')
+    if args.monkey_patch:
+        try:
+            monkey_patch(name.strip() for name in args.monkey_patch.split(',')
+                         if name.strip())
+        except ValueError as exc:
+            parser.error('--monkey-patch: %s' % exc)
+    if args.chdir:
+        try:
+            os.chdir(args.chdir)
+        except OSError as exc:
+            parser.error('--chdir: %s' % exc)
+    if args.chdir or args.app:
+        sys.path.insert(0, os.getcwd())
+    if args.app:
+        try:
+            app = load_app(args.app)
+        except Exception as exc:
+            logger.error('cannot load APP %r: %s: %s', args.app,
+                         type(exc).__name__, exc)
+            return 1
+    else:
+        if args.handler == 'fastcgi':
+            parser.error('--handler fastcgi needs APP')
+        app = demo_app
+    options = {option.name: getattr(args, option.name)
+               for option in SERVER_OPTIONS
+               if getattr(args, option.name) is not None}
+    try:
+        server = FastCGIServer(args.bind, make_handler(args.handler, app,
+                                                       args.debug), **options)
+    except (OSError, ValueError, TypeError) as exc:
+        logger.error('cannot start: %s', exc)
+        return 1
+    logger.info('gevent_fastcgi %s serving %s on %s', __version__,
+                args.app or 'the demo app', _describe(server.address))
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.stop()
+    return 0
+
+
+def _describe(address) -> str:
+    if isinstance(address, tuple):
+        host = address[0]
+        return '[%s]:%d' % (host, address[1]) if ':' in host \
+            else '%s:%d' % (host, address[1])
+    return 'unix:%s' % address
+
+
+if __name__ == '__main__':
+    # "python -m gevent_fastcgi" runs this file as __main__; hand over to the
+    # module proper so that there is one copy of every class (bottle does the
+    # same).
+    import gevent_fastcgi
+    sys.exit(gevent_fastcgi.main())

@@ -1,0 +1,44 @@
+import re
+
+from setuptools import setup
+
+with open('gevent_fastcgi.py', encoding='utf-8') as f:
+    version = re.search(r"^__version__ = '([^']+)'", f.read(), re.M).group(1)
+with open('README.rst', encoding='utf-8') as f:
+    long_description = f.read()
+
+setup(
+    name='gevent_fastcgi',
+    version=version,
+    description='FastCGI application server for Python (WSGI) built on gevent',
+    long_description=long_description,
+    long_description_content_type='text/x-rst',
+    license='MIT',
+    py_modules=['gevent_fastcgi'],
+    python_requires='>=3.9',
+    install_requires=['gevent>=21.1'],
+    extras_require={
+        'paste': ['PasteDeploy'],
+        'django': ['Django'],
+        'zope': ['zope.interface'],
+        'test': ['pytest', 'hypothesis', 'zope.interface', 'PasteDeploy'],
+    },
+    entry_points={
+        'console_scripts': ['gevent-fastcgi = gevent_fastcgi:main'],
+        'paste.server_runner': [
+            'wsgi = gevent_fastcgi:run_wsgi',
+            'wsgiref = gevent_fastcgi:run_wsgiref',
+            'fastcgi = gevent_fastcgi:run_fastcgi',
+        ],
+    },
+    classifiers=[
+        'Development Status :: 4 - Beta',
+        'Environment :: Web Environment',
+        'Framework :: Django',
+        'Framework :: Paste',
+        'License :: OSI Approved :: MIT License',
+        'Operating System :: POSIX',
+        'Programming Language :: Python :: 3',
+        'Topic :: Internet :: WWW/HTTP :: WSGI :: Server',
+    ],
+)

@@ -1,0 +1,896 @@
+"""Tests of gevent_fastcgi, in the order of the module's sections: grep for
+"# 4." to find the tests of section 4 in both files.
+
+Connection tests talk FastCGI to a real server over real sockets, in the same
+process (the test's blocking calls run the gevent hub, so the server's
+greenlets run while a test waits).  End-to-end tests start real processes: our
+server, nginx, and an HTTP client.
+
+Run: python -m pytest -q test_gevent_fastcgi.py
+"""
+
+import hashlib
+import http.client
+import io
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import gevent
+import gevent.event
+import gevent.socket
+import pytest
+from hypothesis import given, settings, HealthCheck
+from hypothesis import strategies as st
+
+import gevent_fastcgi as fcgi
+from gevent_fastcgi import (
+    FCGI_ABORT_REQUEST, FCGI_AUTHORIZER, FCGI_BEGIN_REQUEST, FCGI_DATA,
+    FCGI_END_REQUEST, FCGI_FILTER, FCGI_GET_VALUES, FCGI_GET_VALUES_RESULT,
+    FCGI_OVERLOADED, FCGI_PARAMS, FCGI_REQUEST_COMPLETE, FCGI_RESPONDER,
+    FCGI_STDERR, FCGI_STDIN, FCGI_STDOUT, FCGI_UNKNOWN_ROLE, FCGI_UNKNOWN_TYPE,
+    FastCGIServer, ProtocolError, Record, RecordParser, WSGIRefRequestHandler,
+    WSGIRequestHandler, decode_pairs, encode_begin_request, encode_pairs,
+    encode_records)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ---------------------------------------------------------------------------
+# Helpers: a FastCGI client that plays the web server, and small apps
+# ---------------------------------------------------------------------------
+
+def header(rtype, rid, length, padding=0, version=1):
+    return struct.pack('!BBHHBx', version, rtype, rid, length, padding)
+
+
+class Response:
+    def __init__(self):
+        self.stdout = b''
+        self.stderr = b''
+        self.app_status = None
+        self.protocol_status = None
+        self.records = []
+
+    @property
+    def status(self):
+        return parse_cgi(self.stdout)[0]
+
+    @property
+    def headers(self):
+        return parse_cgi(self.stdout)[1]
+
+    @property
+    def body(self):
+        return parse_cgi(self.stdout)[2]
+
+
+def parse_cgi(stdout):
+    head, sep, body = stdout.partition(b'\r\n\r\n')
+    assert sep, 'no end of headers in %r' % stdout[:200]
+    headers = []
+    status = 200
+    for line in head.split(b'\r\n'):
+        name, _, value = line.decode('latin-1').partition(':')
+        value = value.strip()
+        if name.lower() == 'status':
+            status = int(value.split()[0])
+        headers.append((name, value))
+    return status, headers, body
+
+
+class Client:
+    """Plays the web server: sends records, reads the answer."""
+
+    def __init__(self, address, timeout=10):
+        if isinstance(address, str):
+            self.sock = gevent.socket.socket(socket.AF_UNIX)
+            self.sock.connect(address)
+        else:
+            self.sock = gevent.socket.create_connection(address[:2])
+        self.sock.settimeout(timeout)
+        self.parser = RecordParser()
+        self.queue = []
+        self.eof = False
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def begin(self, rid=1, role=FCGI_RESPONDER, keep_conn=True):
+        self.send(encode_begin_request(rid, role, keep_conn))
+
+    def params(self, rid, environ, end=True):
+        data = encode_pairs(environ)
+        self.send((encode_records(FCGI_PARAMS, rid, data) if data else b'')
+                  + (encode_records(FCGI_PARAMS, rid) if end else b''))
+
+    def stdin(self, rid, body, end=True, rtype=FCGI_STDIN):
+        self.send((encode_records(rtype, rid, body) if body else b'')
+                  + (encode_records(rtype, rid) if end else b''))
+
+    def request(self, rid=1, environ=None, body=b'', keep_conn=True,
+                role=FCGI_RESPONDER):
+        environ = dict({'REQUEST_METHOD': 'POST' if body else 'GET',
+                        'SCRIPT_NAME': '', 'PATH_INFO': '/',
+                        'QUERY_STRING': '', 'SERVER_NAME': 'test',
+                        'SERVER_PORT': '80', 'SERVER_PROTOCOL': 'HTTP/1.1',
+                        'CONTENT_LENGTH': str(len(body))}, **(environ or {}))
+        data = (encode_begin_request(rid, role, keep_conn)
+                + encode_records(FCGI_PARAMS, rid, encode_pairs(environ))
+                + encode_records(FCGI_PARAMS, rid))
+        if body:
+            data += encode_records(FCGI_STDIN, rid, body)
+        data += encode_records(FCGI_STDIN, rid)
+        self.send(data)
+
+    def read_record(self):
+        while not self.queue:
+            if self.eof:
+                return None
+            data = self.sock.recv(1 << 16)
+            if not data:
+                self.eof = True
+            self.queue.extend(self.parser.feed(data))
+        return self.queue.pop(0)
+
+    def response(self, rid=1):
+        """Read records until END_REQUEST of ``rid``; records of other
+        requests are put back."""
+        response = Response()
+        others = []
+        while True:
+            record = self.read_record()
+            assert record is not None, 'connection closed before END_REQUEST'
+            if record.request_id != rid:
+                others.append(record)
+                continue
+            response.records.append(record)
+            if record.type == FCGI_STDOUT:
+                response.stdout += record.content
+            elif record.type == FCGI_STDERR:
+                response.stderr += record.content
+            elif record.type == FCGI_END_REQUEST:
+                (response.app_status,
+                 response.protocol_status) = fcgi.decode_end_request(
+                     record.content)
+                self.queue[:0] = others
+                return response
+
+    def is_closed(self):
+        """True when the server closed the connection (reads to EOF)."""
+        try:
+            while self.read_record() is not None:
+                pass
+        except (ConnectionResetError, socket.timeout):
+            return False
+        return True
+
+    def close(self):
+        self.sock.close()
+
+
+def hello_app(environ, start_response):
+    start_response('200 OK', [('Content-Type', 'text/plain')])
+    return [b'Hello, World']
+
+
+def echo_app(environ, start_response):
+    body = environ['wsgi.input'].read()
+    start_response('200 OK', [('Content-Type', 'application/octet-stream')])
+    return [body]
+
+
+@pytest.fixture
+def serve():
+    """serve(handler_or_app, **server_kwargs) -> a started FastCGIServer
+    in this process, on a free loopback port unless ``address`` is given."""
+    servers = []
+
+    def start(handler, address=('127.0.0.1', 0), wsgi=True, **kwargs):
+        if wsgi and not isinstance(handler, (WSGIRequestHandler,
+                                             WSGIRefRequestHandler)):
+            handler = WSGIRequestHandler(handler)
+        server = FastCGIServer(address, handler, **kwargs)
+        server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop(timeout=1)
+
+
+def wait_for(predicate, timeout=5.0, interval=0.01):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        gevent.sleep(interval)
+    return predicate()
+
+
+# ---------------------------------------------------------------------------
+# 4. Record codec
+# ---------------------------------------------------------------------------
+
+class TestRecordCodec:
+    # One table drives the reader and the writer: (bytes on the wire, records)
+    CASES = [
+        (b'\x01\x01\x00\x01\x00\x08\x00\x00\x00\x01\x01\x00\x00\x00\x00\x00',
+         [Record(FCGI_BEGIN_REQUEST, 1, b'\x00\x01\x01\x00\x00\x00\x00\x00')]),
+        (b'\x01\x05\x01\x02\x00\x00\x00\x00',
+         [Record(FCGI_STDIN, 258, b'')]),
+        (b'\x01\x06\x00\x01\x00\x03\x00\x00abc\x01\x06\x00\x01\x00\x00\x00\x00',
+         [Record(FCGI_STDOUT, 1, b'abc'), Record(FCGI_STDOUT, 1, b'')]),
+        (b'\x01\x09\x00\x00\x00\x01\x00\x00z',
+         [Record(FCGI_GET_VALUES, 0, b'z')]),
+    ]
+
+    @pytest.mark.parametrize('wire, records', CASES)
+    def test_parse_whole(self, wire, records):
+        assert RecordParser().feed(wire) == records
+
+    @pytest.mark.parametrize('wire, records', CASES)
+    def test_parse_byte_by_byte(self, wire, records):
+        parser = RecordParser()
+        got = []
+        for i in range(len(wire)):
+            got += parser.feed(wire[i:i + 1])
+        assert got == records
+        assert parser.buffered == 0
+
+    @pytest.mark.parametrize('wire, records', CASES)
+    def test_parse_with_trailing_partial_record(self, wire, records):
+        parser = RecordParser()
+        assert parser.feed(wire + b'\x01\x06\x00') == records
+        assert parser.buffered == 3
+        with pytest.raises(ProtocolError, match='middle of a record'):
+            parser.feed(b'')
+
+    @pytest.mark.parametrize('wire, records', CASES)
+    def test_encode(self, wire, records):
+        assert b''.join(encode_records(*r) for r in records) == wire
+
+    def test_padding_is_read_and_discarded_whatever_it_holds(self):
+        wire = (header(FCGI_STDIN, 1, 3, padding=5) + b'abc' + b'\xffPAD\x00'
+                + header(FCGI_STDIN, 1, 0, padding=255) + b'\x01' * 255)
+        assert RecordParser().feed(wire) == [Record(FCGI_STDIN, 1, b'abc'),
+                                             Record(FCGI_STDIN, 1, b'')]
+
+    @pytest.mark.parametrize('version', [0, 2, 255])
+    def test_wrong_version_is_a_protocol_error(self, version):
+        with pytest.raises(ProtocolError, match='version %d' % version):
+            RecordParser().feed(header(FCGI_STDIN, 1, 0, version=version))
+
+    def test_eof_at_record_boundary_is_fine(self):
+        parser = RecordParser()
+        parser.feed(header(FCGI_STDIN, 1, 0))
+        assert parser.feed(b'') == []
+
+    def test_content_shorter_than_announced_is_an_error_at_eof(self):
+        parser = RecordParser()
+        assert parser.feed(header(FCGI_STDIN, 1, 10) + b'abc') == []
+        with pytest.raises(ProtocolError):
+            parser.feed(b'')
+
+    def test_output_is_split_into_records_of_at_most_65535_bytes(self):
+        data = bytes(range(256)) * 1000            # 256,000 bytes
+        wire = encode_records(FCGI_STDOUT, 3, data)
+        records = RecordParser().feed(wire)
+        assert [len(r.content) for r in records] == [65535] * 3 + [59395]
+        assert all(r.type == FCGI_STDOUT and r.request_id == 3
+                   for r in records)
+        assert b''.join(r.content for r in records) == data
+
+    def test_exactly_65535_bytes_is_one_record(self):
+        records = RecordParser().feed(encode_records(FCGI_STDOUT, 1,
+                                                     b'x' * 65535))
+        assert len(records) == 1
+
+    def test_empty_content_is_one_empty_record(self):
+        assert encode_records(FCGI_STDOUT, 1) == header(FCGI_STDOUT, 1, 0)
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.tuples(st.integers(1, 11), st.integers(0, 65535),
+                              st.binary(max_size=300)), max_size=8),
+           st.lists(st.integers(1, 50), min_size=1, max_size=20))
+    def test_round_trip_in_any_chunking(self, records, cuts):
+        wire = b''.join(encode_records(*r) for r in records)
+        parser = RecordParser()
+        got = []
+        pos = 0
+        i = 0
+        while pos < len(wire):
+            step = cuts[i % len(cuts)]
+            got += parser.feed(wire[pos:pos + step])
+            pos += step
+            i += 1
+        assert got == [Record(*r) for r in records]
+        parser.feed(b'')
+
+
+class TestNameValuePairs:
+    # The four forms of section 3.4, written by hand.
+    CASES = [
+        (b'\x01\x02ab1', [(b'a', b'b1')]),                           # 1-1
+        (b'\x01\x80\x00\x00\x80n' + b'v' * 128, [(b'n', b'v' * 128)]),  # 1-4
+        (b'\x80\x00\x00\x81\x00' + b'N' * 129, [(b'N' * 129, b'')]),  # 4-1
+        (b'\x80\x00\x00\x80\x80\x00\x01\x00' + b'n' * 128 + b'v' * 256,
+         [(b'n' * 128, b'v' * 256)]),                                # 4-4
+        (b'', []),
+        (b'\x00\x00\x01\x00x', [(b'', b''), (b'x', b'')]),
+    ]
+
+    @pytest.mark.parametrize('wire, pairs', CASES)
+    def test_decode(self, wire, pairs):
+        assert decode_pairs(wire) == pairs
+
+    @pytest.mark.parametrize('wire, pairs', CASES)
+    def test_encode(self, wire, pairs):
+        assert encode_pairs(pairs) == wire
+
+    def test_four_byte_form_for_short_lengths_is_accepted(self):
+        # Rule 13: nothing forbids it, the high bit decides.
+        wire = b'\x80\x00\x00\x01\x80\x00\x00\x02ab1'
+        assert decode_pairs(wire) == [(b'a', b'b1')]
+
+    @pytest.mark.parametrize('wire', [
+        b'\x05\x01abc',                     # name runs past the end
+        b'\x01\x7fab',                      # value runs past the end
+        b'\x01',                            # value length missing
+        b'\x80\x00\x00',                    # four-byte length cut short
+        b'\x01\x80\x00',                    # four-byte value length cut short
+        b'\xff\xff\xff\xff\x00',            # a 2 GB name
+    ])
+    def test_malformed_is_a_protocol_error(self, wire):
+        with pytest.raises(ProtocolError):
+            decode_pairs(wire)
+
+    def test_environ_is_latin1_native_strings(self):
+        environ = fcgi.decode_environ(encode_pairs([(b'PATH_INFO',
+                                                     '/ä€'.encode('utf-8'))]))
+        assert environ == {'PATH_INFO': '/ä€'.encode('utf-8').decode('latin-1')}
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.tuples(st.binary(max_size=300),
+                              st.binary(max_size=300)), max_size=20))
+    def test_round_trip(self, pairs):
+        assert decode_pairs(encode_pairs(pairs)) == pairs
+
+
+# ---------------------------------------------------------------------------
+# 5. Request streams
+# ---------------------------------------------------------------------------
+
+class TestInputStream:
+    def test_reader_waits_for_data_fed_in_pieces(self):
+        stream = fcgi.InputStream()
+
+        def feeder():
+            for piece in (b'first li', b'ne\nsecond', b' line\nthird'):
+                gevent.sleep(0.01)
+                stream.feed(piece)
+            gevent.sleep(0.01)
+            stream.feed_eof()
+
+        gevent.spawn(feeder)
+        assert stream.readline() == b'first line\n'
+        assert stream.read(3) == b'sec'
+        assert list(stream) == [b'ond line\n', b'third']
+        assert stream.read() == b''
+
+    def test_read_all_readlines_and_limits(self):
+        stream = fcgi.InputStream()
+        stream.feed(b'a\nbb\nccc\n')
+        stream.feed_eof()
+        assert stream.readline(1) == b'a'
+        assert stream.readline() == b'\n'
+        assert stream.readlines() == [b'bb\n', b'ccc\n']
+        assert stream.read(10) == b''
+
+    def test_big_body_is_spooled_to_disk(self):
+        stream = fcgi.InputStream(spool_size=64 * 1024)
+        chunk = os.urandom(32768)
+        for _ in range(256):                       # 8 MB
+            stream.feed(chunk)
+        stream.feed_eof()
+        assert stream._file._rolled, 'an 8 MB body stayed in memory'
+        assert stream.read(32768) == chunk
+        assert len(stream.read()) == 255 * 32768
+
+    def test_small_body_stays_in_memory(self):
+        stream = fcgi.InputStream(spool_size=64 * 1024)
+        stream.feed(b'x' * 1000)
+        assert not stream._file._rolled
+
+    def test_failure_reaches_the_reader(self):
+        stream = fcgi.InputStream()
+        gevent.spawn_later(0.01, stream.fail, OSError(28, 'disk full'))
+        with pytest.raises(OSError, match='disk full'):
+            stream.read()
+
+
+class FakeConnection:
+    def __init__(self):
+        self.sent = []
+
+    def send(self, data):
+        self.sent.append(data)
+
+
+class FakeRequest:
+    id = 1
+    ended = False
+
+    def __init__(self):
+        self.connection = FakeConnection()
+
+
+class TestOutputStream:
+    def test_small_writes_are_gathered(self):
+        request = FakeRequest()
+        out = fcgi.OutputStream(request, FCGI_STDOUT)
+        for _ in range(100):
+            out.write(b'x' * 10)
+        assert request.connection.sent == []
+        out.flush()
+        assert request.connection.sent == [encode_records(FCGI_STDOUT, 1,
+                                                          b'x' * 1000)]
+
+    def test_a_full_buffer_is_sent(self):
+        request = FakeRequest()
+        out = fcgi.OutputStream(request, FCGI_STDOUT, flush_size=100)
+        out.write(b'a' * 60)
+        out.write(b'b' * 60)
+        assert request.connection.sent == [encode_records(
+            FCGI_STDOUT, 1, b'a' * 60 + b'b' * 60)]
+
+    def test_stdout_refuses_str_stderr_takes_it(self):
+        request = FakeRequest()
+        with pytest.raises(TypeError, match='bytes, not str'):
+            fcgi.OutputStream(request, FCGI_STDOUT).write('text')
+        err = fcgi.OutputStream(request, FCGI_STDERR)
+        err.write('é')
+        err.writelines([b'!', bytearray(b'?')])
+        err.flush()
+        assert request.connection.sent == [encode_records(
+            FCGI_STDERR, 1, 'é'.encode('utf-8') + b'!?')]
+
+    def test_write_after_end_raises(self):
+        request = FakeRequest()
+        request.ended = True
+        with pytest.raises(fcgi.ConnectionClosed):
+            fcgi.OutputStream(request, FCGI_STDOUT).write(b'late')
+
+
+# ---------------------------------------------------------------------------
+# 6. Requests and connections (one test per rule of shared/FASTCGI.md)
+# ---------------------------------------------------------------------------
+
+class TestConnection:
+    def test_hello(self, serve):
+        server = serve(hello_app)
+        client = Client(server.address)
+        client.request()
+        response = client.response()
+        assert response.status == 200
+        assert response.body == b'Hello, World'
+        assert response.protocol_status == FCGI_REQUEST_COMPLETE
+        assert response.app_status == 0
+
+    def test_rule5_7_padded_records_from_the_web_server(self, serve):
+        server = serve(echo_app)
+        client = Client(server.address)
+        params = encode_pairs({'REQUEST_METHOD': 'POST', 'PATH_INFO': '/'})
+        pad = (8 - len(params) % 8) % 8
+        client.send(
+            header(FCGI_BEGIN_REQUEST, 1, 8, padding=0)
+            + struct.pack('!HB5x', FCGI_RESPONDER, 1)
+            + header(FCGI_PARAMS, 1, len(params), pad) + params + b'P' * pad
+            + header(FCGI_PARAMS, 1, 0, 7) + b'\0' * 7
+            + header(FCGI_STDIN, 1, 5, 3) + b'hello' + b'xyz'
+            + header(FCGI_STDIN, 1, 0, 0))
+        assert client.response().body == b'hello'
+
+    def test_rule9_records_of_inactive_requests_are_ignored(self, serve):
+        server = serve(echo_app)
+        client = Client(server.address)
+        client.stdin(7, b'stray data for a request never begun')
+        client.params(9, {'A': 'B'})
+        client.send(encode_records(FCGI_STDOUT, 11, b'odd, but inactive'))
+        client.send(encode_records(FCGI_ABORT_REQUEST, 13))
+        client.request(body=b'still served')
+        assert client.response().body == b'still served'
+
+    def test_rule9_ended_request_id_is_ignored_then_reused(self, serve):
+        server = serve(echo_app)
+        client = Client(server.address)
+        client.request(rid=1, body=b'one')
+        assert client.response(1).body == b'one'
+        client.stdin(1, b'late stdin for ended request 1')
+        client.request(rid=1, body=b'two')
+        assert client.response(1).body == b'two'
+
+    def test_rule10_15_stream_cut_anywhere_and_pair_straddling(self, serve):
+        def app(environ, start_response):
+            start_response('200 OK', [])
+            return [json.dumps({k: v for k, v in environ.items()
+                                if isinstance(v, str)}).encode()]
+        server = serve(app)
+        client = Client(server.address)
+        params = encode_pairs({'REQUEST_METHOD': 'GET', 'PATH_INFO': '/x',
+                               'HTTP_LONG': 'v' * 300})
+        client.begin(1)
+        for i in range(len(params)):            # one byte per record
+            client.send(encode_records(FCGI_PARAMS, 1, params[i:i + 1]))
+        client.send(encode_records(FCGI_PARAMS, 1))
+        client.stdin(1, b'')
+        environ = json.loads(client.response().body)
+        assert environ['HTTP_LONG'] == 'v' * 300
+        assert environ['PATH_INFO'] == '/x'
+
+    def test_rule16_without_keep_conn_the_app_closes(self, serve):
+        server = serve(hello_app)
+        client = Client(server.address)
+        client.request(keep_conn=False)
+        assert client.response().status == 200
+        assert client.is_closed()
+
+    def test_rule16_17_with_keep_conn_the_connection_stays(self, serve):
+        server = serve(hello_app, role=(FCGI_RESPONDER,), max_reqs=1)
+        client = Client(server.address)
+        for rid in (1, 2, 1):
+            client.request(rid=rid, keep_conn=True)
+            assert client.response(rid).status == 200
+        # not closed after a rejected request either
+        client.begin(5, role=FCGI_FILTER, keep_conn=True)
+        assert client.response(5).protocol_status == FCGI_UNKNOWN_ROLE
+        client.request(rid=3)
+        assert client.response(3).status == 200
+
+    def test_rule19_20_get_values_true_values_unknown_left_out(self, serve):
+        server = serve(hello_app, max_conns=17, max_reqs=23)
+        client = Client(server.address)
+        client.send(encode_records(FCGI_GET_VALUES, 0, encode_pairs([
+            (b'FCGI_MAX_CONNS', b''), (b'FCGI_NOT_A_NAME', b''),
+            (b'FCGI_MAX_REQS', b''), (b'FCGI_MPXS_CONNS', b'')])))
+        record = client.read_record()
+        assert record.type == FCGI_GET_VALUES_RESULT
+        assert record.request_id == 0
+        assert decode_pairs(record.content) == [
+            (b'FCGI_MAX_CONNS', b'17'), (b'FCGI_MAX_REQS', b'23'),
+            (b'FCGI_MPXS_CONNS', b'1')]
+
+    def test_rule21_get_values_while_a_request_runs(self, serve):
+        release = gevent.event.Event()
+
+        def app(environ, start_response):
+            release.wait(5)
+            start_response('200 OK', [])
+            return [b'done']
+        server = serve(app)
+        client = Client(server.address)
+        client.request(rid=1)
+        client.send(encode_records(FCGI_GET_VALUES, 0, encode_pairs(
+            [(b'FCGI_MPXS_CONNS', b'')])))
+        record = client.read_record()
+        assert record.type == FCGI_GET_VALUES_RESULT
+        release.set()
+        assert client.response(1).body == b'done'
+
+    def test_rule22_unknown_management_type(self, serve):
+        server = serve(hello_app)
+        client = Client(server.address)
+        client.send(encode_records(200, 0, b'whatever'))
+        record = client.read_record()
+        assert record == Record(FCGI_UNKNOWN_TYPE, 0, b'\xc8' + b'\0' * 7)
+        client.request()
+        assert client.response().status == 200     # still open
+
+    def test_rule25_abort_answers_at_once_and_cancels(self, serve):
+        started = gevent.event.Event()
+        cancelled = []
+
+        def app(environ, start_response):
+            if environ['PATH_INFO'] == '/slow':
+                started.set()
+                try:
+                    gevent.sleep(30)
+                finally:
+                    cancelled.append(True)
+            start_response('200 OK', [])
+            return [b'fast']
+        server = serve(app)
+        client = Client(server.address)
+        client.request(rid=1, environ={'PATH_INFO': '/slow'})
+        client.request(rid=2, environ={'PATH_INFO': '/fast'})
+        assert client.response(2).body == b'fast'
+        assert started.wait(5)
+        t0 = time.monotonic()
+        client.send(encode_records(FCGI_ABORT_REQUEST, 1))
+        response = client.response(1)
+        assert time.monotonic() - t0 < 1
+        assert response.protocol_status == FCGI_REQUEST_COMPLETE
+        assert [r.type for r in response.records] == [FCGI_STDOUT,
+                                                      FCGI_END_REQUEST]
+        assert wait_for(lambda: cancelled)
+        # the connection and other requests go on
+        client.request(rid=3, environ={'PATH_INFO': '/fast'})
+        assert client.response(3).body == b'fast'
+        assert server.active_requests == 0
+
+    def test_rule25_abort_before_the_request_started(self, serve):
+        server = serve(hello_app)
+        client = Client(server.address)
+        client.begin(1)
+        client.params(1, {'A': 'B'}, end=False)
+        client.send(encode_records(FCGI_ABORT_REQUEST, 1))
+        assert client.response(1).protocol_status == FCGI_REQUEST_COMPLETE
+        assert server.active_requests == 0
+
+    def test_rule26_unknown_role(self, serve):
+        server = serve(hello_app)               # responder only
+        client = Client(server.address)
+        client.begin(1, role=FCGI_AUTHORIZER)
+        assert client.response(1).protocol_status == FCGI_UNKNOWN_ROLE
+        client.begin(2, role=77)
+        assert client.response(2).protocol_status == FCGI_UNKNOWN_ROLE
+
+    def test_rule26_overloaded_past_max_reqs(self, serve):
+        release = gevent.event.Event()
+
+        def app(environ, start_response):
+            release.wait(5)
+            start_response('200 OK', [])
+            return [b'ok']
+        server = serve(app, max_reqs=2)
+        client = Client(server.address)
+        client.request(rid=1)
+        client.request(rid=2)
+        client.request(rid=3)
+        assert client.response(3).protocol_status == FCGI_OVERLOADED
+        release.set()
+        assert client.response(1).body == b'ok'
+        assert client.response(2).body == b'ok'
+        client.request(rid=3)
+        assert client.response(3).body == b'ok'
+
+    def test_rule27_multiplexed_requests_finish_in_any_order(self, serve):
+        def app(environ, start_response):
+            gevent.sleep(float(environ['QUERY_STRING']))
+            start_response('200 OK', [])
+            return [environ['QUERY_STRING'].encode()]
+        server = serve(app)
+        client = Client(server.address)
+        for rid, delay in ((1, '0.3'), (2, '0.2'), (3, '0.0')):
+            client.request(rid=rid, environ={'QUERY_STRING': delay})
+        order = []
+        while len(order) < 3:
+            record = client.read_record()
+            if record.type == FCGI_END_REQUEST:
+                order.append(record.request_id)
+        assert order == [3, 2, 1]
+
+    def test_rule28_stream_terminators(self, serve):
+        def app(environ, start_response):
+            environ['wsgi.errors'].write('a warning\n')
+            start_response('200 OK', [])
+            return [b'body']
+        server = serve(app)
+        client = Client(server.address)
+        client.request()
+        response = client.response()
+        types = [(r.type, bool(r.content)) for r in response.records]
+        assert types[-1] == (FCGI_END_REQUEST, True)
+        assert (FCGI_STDOUT, False) in types
+        assert types.index((FCGI_STDOUT, False)) < len(types) - 1
+        assert (FCGI_STDERR, False) in types
+        assert response.stderr == b'a warning\n'
+        # no STDERR records at all when nothing was written
+        client.send(b'')
+        server2 = serve(hello_app)
+        client2 = Client(server2.address)
+        client2.request()
+        assert FCGI_STDERR not in [r.type for r in client2.response().records]
+
+    def test_rule31_output_before_stdin_has_ended(self, serve):
+        def handler(request):
+            request.stdout.write(b'Status: 200 OK\r\n\r\nready\n')
+            request.stdout.flush()
+            request.stdout.write(request.stdin.read())
+        server = serve(handler, wsgi=False)
+        client = Client(server.address)
+        client.begin(1)
+        client.params(1, {'REQUEST_METHOD': 'POST'})
+        first = client.read_record()
+        assert first.type == FCGI_STDOUT and b'ready' in first.content
+        client.stdin(1, b'now the body')
+        assert client.response(1).stdout.endswith(b'now the body')
+
+    def test_authorizer_role(self, serve):
+        def app(environ, start_response):
+            assert environ['wsgi.input'].read() == b''
+            if environ.get('HTTP_AUTHORIZATION') == 'Bearer good':
+                start_response('200 OK', [('Variable-USER', 'alice')])
+            else:
+                start_response('401 Unauthorized', [])
+            return [environ['fastcgi.role'].encode()]
+        server = serve(app, role=FCGI_AUTHORIZER)
+        client = Client(server.address)
+        # an authorizer gets no STDIN; some web servers send an empty one
+        client.begin(1, role=FCGI_AUTHORIZER)
+        client.params(1, {'HTTP_AUTHORIZATION': 'Bearer good'})
+        response = client.response(1)
+        assert response.status == 200
+        assert ('Variable-USER', 'alice') in response.headers
+        assert response.body == b'AUTHORIZER'
+        client.begin(2, role=FCGI_AUTHORIZER)
+        client.params(2, {'HTTP_AUTHORIZATION': 'Bearer bad'})
+        client.stdin(2, b'')
+        assert client.response(2).status == 401
+
+    def test_filter_role_gets_the_data_stream(self, serve):
+        def app(environ, start_response):
+            body = environ['wsgi.input'].read()
+            data = environ['fastcgi.data'].read()
+            start_response('200 OK', [])
+            return [b'%s|%s|%s' % (body, data.upper(),
+                                   environ['FCGI_DATA_LENGTH'].encode())]
+        server = serve(app, role='filter')
+        client = Client(server.address)
+        client.begin(1, role=FCGI_FILTER)
+        client.params(1, {'FCGI_DATA_LENGTH': '11',
+                          'FCGI_DATA_LAST_MOD': '0'})
+        client.stdin(1, b'in')
+        client.stdin(1, b'hello ', end=False, rtype=FCGI_DATA)
+        client.stdin(1, b'world', rtype=FCGI_DATA)
+        assert client.response(1).body == b'in|HELLO WORLD|11'
+
+    def test_filter_handler_sees_request_data(self, serve):
+        def handler(request):
+            request.stdout.write(b'\r\n' + request.data.read())
+        server = serve(handler, wsgi=False, role=['responder', 'filter'])
+        client = Client(server.address)
+        client.begin(1, role=FCGI_FILTER)
+        client.params(1, {})
+        client.stdin(1, b'')
+        client.stdin(1, b'file', rtype=FCGI_DATA)
+        assert client.response(1).stdout == b'\r\nfile'
+
+    def test_dropped_connection_cancels_quietly(self, serve, caplog):
+        started = gevent.event.Event()
+        cancelled = []
+
+        def app(environ, start_response):
+            started.set()
+            try:
+                gevent.sleep(30)
+            finally:
+                cancelled.append(True)
+            start_response('200 OK', [])
+            return [b'never']
+        server = serve(app)
+        client = Client(server.address)
+        client.request()
+        assert started.wait(5)
+        with caplog.at_level(logging.DEBUG, logger='gevent_fastcgi'):
+            client.close()
+            assert wait_for(lambda: cancelled)
+            assert wait_for(lambda: server.active_requests == 0)
+            gevent.sleep(0.05)
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert not [r for r in caplog.records if r.exc_info]
+        assert len(caplog.records) <= 1
+
+    def test_vanished_mid_response_disturbs_no_one(self, serve, caplog):
+        def big(environ, start_response):
+            start_response('200 OK', [])
+            for _ in range(200):
+                yield b'x' * 65536
+        server = serve(big)
+        victim = Client(server.address)
+        victim.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        victim.request()
+        victim.read_record()
+        victim.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                               struct.pack('ii', 1, 0))
+        victim.close()                          # reset mid-response
+        other = Client(server.address)
+        other.request()
+        assert len(other.response().body) == 200 * 65536
+        assert wait_for(lambda: server.active_requests == 0)
+        assert not [r for r in caplog.records if r.exc_info]
+
+    def test_protocol_error_closes_only_that_connection(self, serve, caplog):
+        server = serve(hello_app)
+        good = Client(server.address)
+        good.begin(1)
+        bad = Client(server.address)
+        with caplog.at_level(logging.INFO, logger='gevent_fastcgi'):
+            bad.send(header(FCGI_STDIN, 1, 0, version=2))
+            assert bad.is_closed()
+        warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == 1
+        assert 'version 2' in warnings[0].getMessage()
+        good.params(1, {'REQUEST_METHOD': 'GET'})
+        good.stdin(1, b'')
+        assert good.response(1).status == 200
+
+    @pytest.mark.parametrize('wire', [
+        header(FCGI_BEGIN_REQUEST, 1, 3) + b'abc',              # short body
+        encode_begin_request(1) + encode_begin_request(1),      # twice
+        encode_begin_request(1) + encode_records(FCGI_STDIN, 1, b'x'),
+        encode_begin_request(1) + encode_records(FCGI_PARAMS, 1)
+        + encode_records(FCGI_PARAMS, 1),                      # PARAMS again
+        encode_begin_request(1) + encode_records(FCGI_PARAMS, 1, b'\x05\x01ab')
+        + encode_records(FCGI_PARAMS, 1),                      # pair overruns
+        encode_begin_request(1) + encode_records(FCGI_STDOUT, 1, b'x'),
+    ], ids=['short-begin', 'begin-twice', 'stdin-before-params',
+            'params-after-end', 'pair-overrun', 'wrong-direction'])
+    def test_malformed_input_closes_the_connection(self, serve, wire, caplog):
+        server = serve(hello_app)
+        client = Client(server.address)
+        client.send(wire)
+        assert client.is_closed()
+        assert len([r for r in caplog.records
+                    if r.levelno >= logging.WARNING]) == 1
+        assert wait_for(lambda: server.active_requests == 0)
+        other = Client(server.address)
+        other.request()
+        assert other.response().status == 200
+
+    def test_10000_params_delivered_intact(self, serve):
+        def app(environ, start_response):
+            start_response('200 OK', [])
+            return [str(sum(1 for k in environ if k.startswith('HTTP_X'))
+                        ).encode()]
+        server = serve(app)
+        client = Client(server.address)
+        client.request(environ={'HTTP_X%d' % i: 'v%d' % i
+                                for i in range(9000)})
+        assert client.response().body == b'9000'
+
+    def test_16mb_value_refused_cleanly_or_delivered(self, serve):
+        def app(environ, start_response):
+            start_response('200 OK', [])
+            return [str(len(environ.get('HTTP_BIG', ''))).encode()]
+        server = serve(app)
+        client = Client(server.address)
+        big = 'b' * (16 * 1024 * 1024)
+        client.request(rid=1, environ={'HTTP_BIG': big})
+        assert client.response(1).status == 431
+        client.request(rid=2)                    # the connection goes on
+        assert client.response(2).status == 200
+        server2 = serve(app, max_params_size=32 * 1024 * 1024)
+        client2 = Client(server2.address)
+        client2.request(environ={'HTTP_BIG': big})
+        assert client2.response().body == str(len(big)).encode()
+
+    def test_small_response_leaves_in_one_send(self, serve, monkeypatch):
+        sends = []
+        original = fcgi.Connection.send
+
+        def counting_send(self, data):
+            sends.append(data)
+            return original(self, data)
+        monkeypatch.setattr(fcgi.Connection, 'send', counting_send)
+        server = serve(hello_app)
+        client = Client(server.address)
+        client.request()
+        assert client.response().body == b'Hello, World'
+        assert len(sends) == 1
+        records = RecordParser().feed(sends[0])
+        assert [r.type for r in records] == [FCGI_STDOUT, FCGI_STDOUT,
+                                             FCGI_END_REQUEST]
