@@ -1151,7 +1151,9 @@ class WSGIResponse:
     def _header_block(self, content_length=None) -> bytes:
         lines = ['Status: %s\r\n' % self.status]
         lines += ['%s: %s\r\n' % header for header in self.headers]
-        if content_length is not None and not self.has_content_length:
+        if (content_length is not None and not self.has_content_length
+                and self.status[0] != '1'
+                and self.status[:3] not in ('204', '304')):
             lines.append('Content-Length: %d\r\n' % content_length)
         lines.append('\r\n')
         return ''.join(lines).encode('latin-1')

@@ -894,3 +894,352 @@ class TestConnection:
         records = RecordParser().feed(sends[0])
         assert [r.type for r in records] == [FCGI_STDOUT, FCGI_STDOUT,
                                              FCGI_END_REQUEST]
+
+
+# ---------------------------------------------------------------------------
+# 7. Request handlers
+# ---------------------------------------------------------------------------
+
+def fetch(server, environ=None, body=b'', rid=1):
+    client = Client(server.address)
+    try:
+        client.request(rid=rid, environ=environ, body=body)
+        return client.response(rid)
+    finally:
+        client.close()
+
+
+class TestWSGIRequestHandler:
+    def test_validated_apps_pass(self, serve):
+        from wsgiref.validate import validator
+
+        def app(environ, start_response):
+            body = environ['wsgi.input'].read(int(environ['CONTENT_LENGTH']))
+            environ['wsgi.errors'].write('logged\n')
+            environ['wsgi.errors'].flush()
+            start_response('200 OK', [('Content-Type', 'text/plain'),
+                                      ('Content-Length', str(len(body) + 3))])
+            return iter([b'got', body])
+
+        def lines_app(environ, start_response):
+            lines = list(environ['wsgi.input'])
+            start_response('201 Created', [('Content-Type', 'text/plain')])
+            return [b'%d' % len(lines)]
+        server = serve(validator(app))
+        response = fetch(server, body=b'payload')
+        assert response.status == 200, response.stdout
+        assert response.body == b'gotpayload'
+        assert response.stderr == b'logged\n'
+        server = serve(validator(lines_app))
+        response = fetch(server, body=b'a\nb\nc')
+        assert (response.status, response.body) == (201, b'3')
+
+    def test_str_body_is_a_clear_error_and_500(self, serve, caplog):
+        def app(environ, start_response):
+            start_response('200 OK', [])
+            return ['text, not bytes']
+        response = fetch(serve(app))
+        assert response.status == 500
+        assert response.body == fcgi.ERROR_BODY
+        assert response.app_status == 1
+        assert any('not bytes' in str(r.exc_info[1]) for r in caplog.records
+                   if r.exc_info)
+
+    @pytest.mark.parametrize('status, headers', [
+        ('OK', []),
+        (b'200 OK', []),
+        ('200 OK', [('Bad Name', 'x')]),
+        ('200 OK', [('X-Split', 'a\r\nSet-Cookie: evil=1')]),
+        ('200 OK', [('X-Split', 'a\nb')]),
+        ('200 OK', [('X', 1)]),
+        ('200 OK', (('X', 'y'),)),
+        ('200 OK', [('X', 'ünïcode€')]),
+    ])
+    def test_start_response_checks_its_arguments(self, serve, status,
+                                                 headers):
+        def app(environ, start_response):
+            start_response(status, headers)
+            return [b'should not be sent']
+        response = fetch(serve(app))
+        assert response.status == 500
+        assert b'evil' not in response.stdout
+
+    def test_status_without_reason_phrase_is_accepted(self, serve):
+        def app(environ, start_response):
+            start_response('299', [('A', 'b')])
+            return [b'ok']
+        assert fetch(serve(app)).status == 299
+
+    def test_write_callable(self, serve):
+        def app(environ, start_response):
+            write = start_response('200 OK', [('Content-Type', 'text/plain')])
+            write(b'one ')
+            write(b'two ')
+            return [b'three']
+        assert fetch(serve(app)).body == b'one two three'
+
+    def test_exc_info_before_output_replaces_the_response(self, serve):
+        def app(environ, start_response):
+            start_response('200 OK', [('X-First', 'yes')])
+            try:
+                raise ValueError('boom')
+            except ValueError:
+                start_response('503 Service Unavailable', [('X-Second', 'y')],
+                               sys.exc_info())
+            return [b'sorry']
+        response = fetch(serve(app))
+        assert response.status == 503
+        assert ('X-Second', 'y') in response.headers
+        assert 'X-First' not in dict(response.headers)
+        assert response.body == b'sorry'
+
+    def test_exc_info_after_output_reraises(self, serve, caplog):
+        def app(environ, start_response):
+            write = start_response('200 OK', [])
+            write(b'partial')
+            try:
+                raise ValueError('late failure')
+            except ValueError:
+                start_response('500 Oops', [], sys.exc_info())
+            return [b'not reached']
+        response = fetch(serve(app))
+        assert response.status == 200
+        assert response.body == b'partial'
+        assert response.app_status == 1
+        assert any('late failure' in str(r.exc_info[1])
+                   for r in caplog.records if r.exc_info)
+
+    def test_second_start_response_without_exc_info_fails(self, serve):
+        def app(environ, start_response):
+            start_response('200 OK', [])
+            start_response('200 OK', [])
+            return [b'x']
+        assert fetch(serve(app)).status == 500
+
+    @pytest.mark.parametrize('fail', ['none', 'call', 'iterate', 'abort'])
+    def test_app_iter_close_always_runs(self, serve, fail):
+        closed = []
+        started = gevent.event.Event()
+
+        class Body:
+            def __iter__(self):
+                yield b'a'
+                if fail == 'iterate':
+                    raise RuntimeError('failed while iterating')
+                if fail == 'abort':
+                    started.set()
+                    gevent.sleep(30)
+                yield b'b'
+
+            def close(self):
+                closed.append(True)
+
+        def app(environ, start_response):
+            start_response('200 OK', [])
+            body = Body()
+            if fail == 'call':
+                body.close()        # a framework that cleans up then raises
+                raise RuntimeError('failed in the call')
+            return body
+        server = serve(app)
+        client = Client(server.address)
+        client.request()
+        if fail == 'abort':
+            assert started.wait(5)
+            client.send(encode_records(FCGI_ABORT_REQUEST, 1))
+        client.response()
+        assert wait_for(lambda: closed == [True])
+
+    def test_failing_app_gets_a_generic_500(self, serve, caplog):
+        def app(environ, start_response):
+            raise KeyError('secret_database_password')
+        response = fetch(serve(app))
+        assert response.status == 500
+        assert b'secret' not in response.stdout
+        assert b'Traceback' not in response.stdout
+        assert b'secret' not in response.stderr
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and errors[0].exc_info
+
+    def test_debug_mode_sends_the_traceback(self, serve):
+        def app(environ, start_response):
+            raise KeyError('visible_in_debug')
+        server = serve(WSGIRequestHandler(app, debug=True))
+        response = fetch(server)
+        assert response.status == 500
+        assert b'Traceback' in response.body
+        assert b'visible_in_debug' in response.body
+
+    def test_head_keeps_headers_drops_body(self, serve):
+        def app(environ, start_response):
+            start_response('200 OK', [('Content-Type', 'text/plain')])
+            return [b'twelve bytes']
+
+        def gen_app(environ, start_response):
+            start_response('200 OK', [('Content-Length', '5')])
+            yield b'hello'
+        response = fetch(serve(app), environ={'REQUEST_METHOD': 'HEAD'})
+        assert response.status == 200
+        assert ('Content-Length', '12') in response.headers
+        assert response.body == b''
+        response = fetch(serve(gen_app), environ={'REQUEST_METHOD': 'HEAD'})
+        assert ('Content-Length', '5') in response.headers
+        assert response.body == b''
+
+    def test_content_length(self, serve):
+        def app(environ, start_response):
+            status = environ['QUERY_STRING']
+            start_response(status, [])
+            return []
+
+        def one_length(environ, start_response):
+            start_response('200 OK', [('content-length', '3')])
+            return [b'abc']
+        server = serve(app)
+        assert ('Content-Length', '0') in fetch(
+            server, {'QUERY_STRING': '200 OK'}).headers
+        for status in ('204 No Content', '304 Not Modified'):
+            response = fetch(server, {'QUERY_STRING': status})
+            assert 'content-length' not in [n.lower() for n, _ in
+                                            response.headers]
+        response = fetch(serve(one_length))
+        assert [n.lower() for n, _ in response.headers].count(
+            'content-length') == 1
+
+    @pytest.mark.parametrize('environ, scheme', [
+        ({}, 'http'), ({'HTTPS': 'on'}, 'https'), ({'HTTPS': 'ON'}, 'https'),
+        ({'HTTPS': '1'}, 'https'), ({'HTTPS': 'off'}, 'http'),
+        ({'REQUEST_SCHEME': 'https'}, 'https'),
+        ({'REQUEST_SCHEME': 'http'}, 'http'),
+    ])
+    def test_url_scheme(self, serve, environ, scheme):
+        def app(environ, start_response):
+            start_response('200 OK', [])
+            return [environ['wsgi.url_scheme'].encode()]
+        assert fetch(serve(app), environ).body == scheme.encode()
+
+    @pytest.mark.parametrize('workers', [1, 3])
+    def test_wsgi_flags(self, serve, workers):
+        def app(environ, start_response):
+            start_response('200 OK', [])
+            return [json.dumps([environ['wsgi.multiprocess'],
+                                environ['wsgi.multithread'],
+                                environ['wsgi.run_once'],
+                                environ['wsgi.input_terminated'],
+                                list(environ['wsgi.version'])]).encode()]
+        # started in this process (start(), not serve_forever()): no fork,
+        # but the handler must report what the configuration says
+        server = serve(app, num_workers=workers)
+        assert json.loads(fetch(server).body) == [workers > 1, True, False,
+                                                  True, [1, 0]]
+
+    def test_file_wrapper(self, serve, tmp_path):
+        path = tmp_path / 'data.bin'
+        data = os.urandom(300000)
+        path.write_bytes(data)
+
+        def app(environ, start_response):
+            start_response('200 OK', [])
+            return environ['wsgi.file_wrapper'](open(path, 'rb'), 8192)
+        assert fetch(serve(app)).body == data
+
+    def test_large_generator_chunks(self, serve):
+        chunk = os.urandom(200000)
+
+        def app(environ, start_response):
+            start_response('200 OK', [])
+            yield chunk
+            yield chunk[:70000]
+        assert fetch(serve(app)).body == chunk + chunk[:70000]
+
+    def test_streamed_blocks_leave_before_the_end(self, serve):
+        release = gevent.event.Event()
+
+        def app(environ, start_response):
+            start_response('200 OK', [])
+            yield b'first'
+            release.wait(5)
+            yield b'second'
+        server = serve(app)
+        client = Client(server.address)
+        client.request()
+        record = client.read_record()
+        assert record.type == FCGI_STDOUT and record.content.endswith(
+            b'first')
+        release.set()
+        rest = client.response().stdout
+        assert parse_cgi(record.content + rest)[2] == b'firstsecond'
+
+    def test_wsgi_input_readline_in_pieces(self, serve):
+        def app(environ, start_response):
+            stream = environ['wsgi.input']
+            lines = [stream.readline(), stream.readline(4), stream.read()]
+            start_response('200 OK', [])
+            return [b'|'.join(lines)]
+        server = serve(app)
+        client = Client(server.address)
+        client.begin(1)
+        client.params(1, {'REQUEST_METHOD': 'POST'})
+        for piece in (b'ab', b'c\ndefg', b'hij\n', b'rest'):
+            client.stdin(1, piece, end=False)
+            gevent.sleep(0.01)
+        client.stdin(1, b'')
+        assert client.response().body == b'abc\n|defg|hij\nrest'
+
+
+class TestWSGIRefRequestHandler:
+    def test_hello_and_no_environment_leak(self, serve, monkeypatch):
+        monkeypatch.setenv('GEVENT_FASTCGI_SECRET', 'do-not-leak')
+
+        def app(environ, start_response):
+            start_response('200 OK', [('Content-Type', 'text/plain')])
+            return [json.dumps(sorted(k for k in environ
+                                      if k.isupper())).encode()]
+        response = fetch(serve(WSGIRefRequestHandler(app)),
+                         environ={'HTTP_X': '1'})
+        assert response.status == 200
+        keys = json.loads(response.body)
+        assert 'GEVENT_FASTCGI_SECRET' not in keys
+        assert 'HTTP_X' in keys and 'PATH' not in keys
+
+    def test_head_and_failure(self, serve):
+        def app(environ, start_response):
+            if environ['PATH_INFO'] == '/fail':
+                raise RuntimeError('hidden detail')
+            start_response('200 OK', [('Content-Type', 'text/plain')])
+            return [b'body']
+        server = serve(WSGIRefRequestHandler(app))
+        response = fetch(server, {'REQUEST_METHOD': 'HEAD'})
+        assert response.status == 200 and response.body == b''
+        assert ('Content-Length', '4') in response.headers
+        response = fetch(server, {'PATH_INFO': '/fail'})
+        assert response.status == 500
+        assert b'hidden detail' not in response.stdout + response.stderr
+
+    def test_post_body(self, serve):
+        response = fetch(serve(WSGIRefRequestHandler(echo_app)),
+                         body=b'x' * 100000)
+        assert response.body == b'x' * 100000
+
+
+class TestCustomHandler:
+    def test_handler_writes_cgi_and_returns_app_status(self, serve):
+        def handler(request):
+            request.stdout.write(b'Content-Type: text/plain\r\n\r\n')
+            request.stdout.writelines([b'role=%d ' % request.role,
+                                       request.environ['QUERY_STRING']
+                                       .encode()])
+            request.stderr.write('to the error log')
+            return 3
+        response = fetch(serve(handler, wsgi=False), {'QUERY_STRING': 'q=1'})
+        assert response.body == b'role=1 q=1'
+        assert response.stderr == b'to the error log'
+        assert response.app_status == 3
+
+    def test_failing_handler_gets_500(self, serve, caplog):
+        def handler(request):
+            raise RuntimeError('handler bug')
+        response = fetch(serve(handler, wsgi=False))
+        assert response.status == 500
+        assert response.app_status == 1
+        assert b'handler bug' not in response.stdout
