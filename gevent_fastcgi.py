@@ -49,6 +49,7 @@ import stat
 import struct
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
@@ -1506,10 +1507,27 @@ class FastCGIServer(StreamServer):
             self.unix_path = None
 
     def serve_forever(self, stop_timeout=None) -> None:
+        """Serve until stopped.  In the main thread, SIGTERM and SIGINT stop
+        gracefully (requests in flight finish, up to stop_timeout) and
+        SIGQUIT stops at once."""
         if self.num_workers > 1:
             Arbiter(self).run()
-        else:
+            return
+        handlers = []
+        if threading.current_thread() is threading.main_thread():
+            handlers = [
+                gevent.signal_handler(signal.SIGTERM, self._stop_event.set),
+                gevent.signal_handler(signal.SIGINT, self._stop_event.set),
+                gevent.signal_handler(signal.SIGQUIT, self._stop_at_once)]
+        try:
             StreamServer.serve_forever(self, stop_timeout)
+        finally:
+            for handler in handlers:
+                handler.cancel()
+
+    def _stop_at_once(self) -> None:
+        self.stop_timeout = 0
+        self._stop_event.set()
 
 
 # ---------------------------------------------------------------------------

@@ -1243,3 +1243,293 @@ class TestCustomHandler:
         assert response.status == 500
         assert response.app_status == 1
         assert b'handler bug' not in response.stdout
+
+
+# ---------------------------------------------------------------------------
+# End to end: our server as a real process, behind a real nginx
+# ---------------------------------------------------------------------------
+
+BIG_BLOCK = bytes(range(256)) * 4096                    # 1 MiB
+
+
+def e2e_app(environ, start_response):
+    """The application the end-to-end tests serve (imported by the server
+    process as test_gevent_fastcgi:e2e_app)."""
+    path = environ['PATH_INFO']
+    if path == '/echo':
+        body = environ['wsgi.input'].read()
+        start_response('200 OK', [('Content-Type', 'application/octet-stream'),
+                                  ('X-Sha256', hashlib.sha256(body).hexdigest())])
+        return [body]
+    if path == '/big':
+        size = int(environ['QUERY_STRING'])
+        start_response('200 OK', [('Content-Type', 'application/octet-stream'),
+                                  ('Content-Length', str(size))])
+        return (BIG_BLOCK[:min(len(BIG_BLOCK), size - offset)]
+                for offset in range(0, size, len(BIG_BLOCK)))
+    if path.endswith('/stream'):
+        def stream():
+            yield b'first\n'
+            gevent.sleep(1.0)
+            yield b'second\n'
+        start_response('200 OK', [('Content-Type', 'text/plain')])
+        return stream()
+    if path.endswith('/env'):
+        start_response('200 OK', [('Content-Type', 'application/json')])
+        return [json.dumps({k: v for k, v in environ.items()
+                            if isinstance(v, (str, bool))}).encode()]
+    if path == '/pid':
+        start_response('200 OK', [('Content-Type', 'text/plain')])
+        return [str(os.getpid()).encode()]
+    if path == '/sleep':
+        gevent.sleep(float(environ['QUERY_STRING'] or 0.5))
+        start_response('200 OK', [('Content-Type', 'text/plain')])
+        return [b'slept']
+    start_response('200 OK', [('Content-Type', 'text/plain')])
+    return [b'Hello, World']
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port, timeout=10.0, proc=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError('process exited with %s' % proc.returncode)
+        try:
+            socket.create_connection(('127.0.0.1', port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError('nothing listens on port %d' % port)
+
+
+def start_server_process(args, port=None, env=None, **kwargs):
+    """python -m gevent_fastcgi ARGS, run from this folder."""
+    proc = subprocess.Popen(
+        [sys.executable, '-m', 'gevent_fastcgi'] + args, cwd=HERE,
+        env=dict(os.environ, PYTHONPATH=HERE, **(env or {})),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kwargs)
+    if port is not None:
+        wait_for_port(port, proc=proc)
+    return proc
+
+
+def stop_process(proc, sig=signal.SIGTERM, timeout=15):
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def require(program):
+    path = shutil.which(program) or (
+        '/usr/sbin/' + program if os.path.exists('/usr/sbin/' + program)
+        else None)
+    if path is None:
+        if os.environ.get('CI'):
+            pytest.fail('%s is not installed: .ci/run must install it'
+                        % program)
+        pytest.skip('%s is not installed' % program)
+    return path
+
+
+NGINX_CONF = """
+daemon off;
+master_process on;
+worker_processes 1;
+{user}
+pid {dir}/nginx.pid;
+error_log {dir}/error.log info;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/client_body;
+    fastcgi_temp_path {dir}/fastcgi;
+    proxy_temp_path {dir}/proxy;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    client_max_body_size 0;
+    upstream app {{
+        server {upstream};
+        keepalive 8;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            fastcgi_pass app;
+            fastcgi_keep_conn on;
+{params}
+        }}
+        location /nobuffer/ {{
+            fastcgi_pass app;
+            fastcgi_keep_conn on;
+            fastcgi_buffering off;
+{params}
+        }}
+        location /nokeep/ {{
+            fastcgi_pass {upstream};
+{params}
+        }}
+    }}
+}}
+"""
+
+# What README.rst recommends for a WSGI app mounted at /.
+NGINX_PARAMS = """
+            fastcgi_param REQUEST_METHOD  $request_method;
+            fastcgi_param QUERY_STRING    $query_string;
+            fastcgi_param CONTENT_TYPE    $content_type;
+            fastcgi_param CONTENT_LENGTH  $content_length;
+            fastcgi_param SCRIPT_NAME     "";
+            fastcgi_param PATH_INFO       $uri;
+            fastcgi_param REQUEST_URI     $request_uri;
+            fastcgi_param SERVER_PROTOCOL $server_protocol;
+            fastcgi_param REQUEST_SCHEME  $scheme;
+            fastcgi_param HTTPS           $https if_not_empty;
+            fastcgi_param REMOTE_ADDR     $remote_addr;
+            fastcgi_param REMOTE_PORT     $remote_port;
+            fastcgi_param SERVER_ADDR     $server_addr;
+            fastcgi_param SERVER_PORT     $server_port;
+            fastcgi_param SERVER_NAME     $server_name;
+"""
+
+
+class Nginx:
+    def __init__(self, upstream):
+        self.binary = require('nginx')
+        self.dir = tempfile.mkdtemp(prefix='gevent-fastcgi-nginx-')
+        # nginx's workers run as nobody: they must reach the temp paths
+        os.chmod(self.dir, 0o777)
+        self.port = free_port()
+        user = 'user nobody nogroup;' if os.geteuid() == 0 else ''
+        conf = os.path.join(self.dir, 'nginx.conf')
+        with open(conf, 'w') as f:
+            f.write(NGINX_CONF.format(dir=self.dir, port=self.port, user=user,
+                                      upstream=upstream, params=NGINX_PARAMS))
+        self.proc = subprocess.Popen(
+            [self.binary, '-p', self.dir, '-c', conf],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_for_port(self.port, proc=self.proc)
+
+    def request(self, method, path, body=None, headers=None, timeout=30):
+        conn = http.client.HTTPConnection('127.0.0.1', self.port,
+                                          timeout=timeout)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            return response.status, response.getheaders(), response.read()
+        finally:
+            conn.close()
+
+    def error_log(self):
+        with open(os.path.join(self.dir, 'error.log'), errors='replace') as f:
+            return f.read()
+
+    def errors(self):
+        """Lines of the error log at level error or worse."""
+        return [line for line in self.error_log().splitlines()
+                if any(level in line for level in ('[error]', '[crit]',
+                                                   '[alert]', '[emerg]'))]
+
+    def stop(self):
+        stop_process(self.proc, signal.SIGQUIT)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope='module')
+def behind_nginx():
+    require('nginx')
+    port = free_port()
+    server = start_server_process(['--bind', '127.0.0.1:%d' % port,
+                                   '--log-level', 'warning',
+                                   'test_gevent_fastcgi:e2e_app'], port)
+    nginx = Nginx('127.0.0.1:%d' % port)
+    yield nginx
+    nginx.stop()
+    assert stop_process(server) == 0
+    log = server.stdout.read().decode(errors='replace')
+    assert 'Traceback' not in log, log
+
+
+class TestBehindNginx:
+    def test_get(self, behind_nginx):
+        status, headers, body = behind_nginx.request('GET', '/hello')
+        assert (status, body) == (200, b'Hello, World')
+        assert ('Content-Length', '12') in headers
+
+    def test_environ_from_nginx(self, behind_nginx):
+        status, _, body = behind_nginx.request(
+            'GET', '/some/env?a=1&b=%C3%A9', headers={'X-Custom': 'yes'})
+        environ = json.loads(body)
+        assert environ['PATH_INFO'] == '/some/env'
+        assert environ['SCRIPT_NAME'] == ''
+        assert environ['QUERY_STRING'] == 'a=1&b=%C3%A9'
+        assert environ['HTTP_X_CUSTOM'] == 'yes'
+        assert environ['wsgi.url_scheme'] == 'http'
+        assert environ['wsgi.multiprocess'] is False
+
+    def test_8mb_post_echoed_exactly(self, behind_nginx):
+        body = os.urandom(8 * 1024 * 1024)
+        status, headers, echoed = behind_nginx.request('POST', '/echo', body)
+        assert status == 200
+        assert dict(headers)['X-Sha256'] == hashlib.sha256(body).hexdigest()
+        assert len(echoed) == len(body)
+        assert echoed == body
+
+    def test_10mb_response(self, behind_nginx):
+        size = 10 * 1024 * 1024
+        status, _, body = behind_nginx.request('GET', '/big?%d' % size)
+        assert status == 200
+        assert len(body) == size
+        assert body == BIG_BLOCK * 10
+
+    def test_streamed_response_arrives_in_pieces(self, behind_nginx):
+        conn = http.client.HTTPConnection('127.0.0.1', behind_nginx.port,
+                                          timeout=10)
+        t0 = time.monotonic()
+        conn.request('GET', '/nobuffer/stream')
+        response = conn.getresponse()
+        first = response.read1(100)
+        t_first = time.monotonic() - t0
+        rest = response.read()
+        t_end = time.monotonic() - t0
+        conn.close()
+        assert first + rest == b'first\nsecond\n'
+        assert first == b'first\n'
+        assert t_first < 0.8 <= t_end
+
+    def test_without_keep_conn(self, behind_nginx):
+        for _ in range(20):
+            status, _, body = behind_nginx.request('POST', '/nokeep/env',
+                                                   b'x' * 1000)
+            assert status == 200
+        assert json.loads(body)['PATH_INFO'] == '/nokeep/env'
+
+    def test_50_concurrent_clients(self, behind_nginx):
+        def client(i):
+            results = []
+            for j in range(10):
+                if j % 2:
+                    body = os.urandom(1000 + i * 100 + j)
+                    status, _, echoed = behind_nginx.request('POST', '/echo',
+                                                             body)
+                    results.append(status == 200 and echoed == body)
+                else:
+                    status, _, got = behind_nginx.request('GET', '/hello')
+                    results.append(status == 200 and got == b'Hello, World')
+            return results
+        with ThreadPoolExecutor(50) as pool:
+            results = [ok for batch in pool.map(client, range(50))
+                       for ok in batch]
+        assert len(results) == 500
+        assert all(results)
+        assert behind_nginx.errors() == []
