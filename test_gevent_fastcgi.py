@@ -78,11 +78,16 @@ class Response:
 
 
 def parse_cgi(stdout):
-    head, sep, body = stdout.partition(b'\r\n\r\n')
-    assert sep, 'no end of headers in %r' % stdout[:200]
+    # CGI allows bare LF line ends, as web servers do
+    crlf, lf = stdout.find(b'\r\n\r\n'), stdout.find(b'\n\n')
+    assert crlf >= 0 or lf >= 0, 'no end of headers in %r' % stdout[:200]
+    if crlf >= 0 and (lf < 0 or crlf < lf):
+        head, body = stdout[:crlf], stdout[crlf + 4:]
+    else:
+        head, body = stdout[:lf], stdout[lf + 2:]
     headers = []
     status = 200
-    for line in head.split(b'\r\n'):
+    for line in head.replace(b'\r\n', b'\n').split(b'\n'):
         name, _, value = line.decode('latin-1').partition(':')
         value = value.strip()
         if name.lower() == 'status':
@@ -1533,3 +1538,493 @@ class TestBehindNginx:
         assert len(results) == 500
         assert all(results)
         assert behind_nginx.errors() == []
+
+
+# ---------------------------------------------------------------------------
+# 8. Listening sockets and FastCGIServer
+# ---------------------------------------------------------------------------
+
+def has_ipv6_loopback():
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(('::1', 0))
+        return True
+    except OSError:
+        return False
+
+
+class TestServer:
+    def test_ipv4(self, serve):
+        server = serve(hello_app, address=('127.0.0.1', 0))
+        assert fetch(server).body == b'Hello, World'
+
+    @pytest.mark.skipif(not has_ipv6_loopback(), reason='no IPv6 loopback')
+    def test_ipv6(self, serve):
+        server = serve(hello_app, address=('::1', 0))
+        assert server.socket.family == socket.AF_INET6
+        client = Client(server.address)
+        client.request()
+        assert client.response().body == b'Hello, World'
+
+    def test_unix_socket_with_mode(self, serve, tmp_path):
+        path = str(tmp_path / 'app.sock')
+        server = serve(hello_app, address=path, socket_mode=0o660)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+        client = Client(path)
+        client.request()
+        assert client.response().body == b'Hello, World'
+        server.stop(timeout=1)
+        assert not os.path.exists(path), 'socket file left after stop'
+
+    def test_unix_socket_never_wider_than_asked(self, tmp_path, monkeypatch):
+        seen = []
+        original_bind = gevent.socket.socket.bind
+
+        def spying_bind(sock, address):
+            original_bind(sock, address)
+            seen.append(stat.S_IMODE(os.stat(address).st_mode))
+        monkeypatch.setattr(gevent.socket.socket, 'bind', spying_bind)
+        old = os.umask(0)
+        try:
+            path = str(tmp_path / 'tight.sock')
+            server = FastCGIServer(path, hello_app, socket_mode=0o600)
+        finally:
+            os.umask(old)
+        server.close()
+        assert seen == [0o600]
+
+    def test_stale_socket_file_is_replaced(self, serve, tmp_path):
+        path = str(tmp_path / 'stale.sock')
+        crashed = socket.socket(socket.AF_UNIX)
+        crashed.bind(path)              # bound, never listening: as after
+        crashed.close()                 # a crash, the file stays behind
+        assert os.path.exists(path)
+        server = serve(hello_app, address=path)
+        client = Client(path)
+        client.request()
+        assert client.response().status == 200
+
+    def test_live_socket_is_not_stolen(self, serve, tmp_path):
+        path = str(tmp_path / 'live.sock')
+        serve(hello_app, address=path)
+        with pytest.raises(OSError, match='another server is listening'):
+            FastCGIServer(path, WSGIRequestHandler(hello_app))
+        client = Client(path)            # the first one still serves
+        client.request()
+        assert client.response().status == 200
+
+    def test_a_file_that_is_not_a_socket_is_left_alone(self, tmp_path):
+        path = tmp_path / 'precious.txt'
+        path.write_text('data')
+        with pytest.raises(OSError, match='not a socket'):
+            FastCGIServer(str(path), WSGIRequestHandler(hello_app))
+        assert path.read_text() == 'data'
+
+    def test_unknown_keyword_is_a_type_error(self):
+        handler = WSGIRequestHandler(hello_app)
+        for kwargs in ({'keyfile': 'key.pem'}, {'certfile': 'c.pem'},
+                       {'max_requests_typo': 3}):
+            with pytest.raises(TypeError):
+                FastCGIServer(('127.0.0.1', 0), handler, **kwargs)
+
+    @pytest.mark.parametrize('kwargs, match', [
+        ({'num_workers': 0}, 'num_workers'),
+        ({'max_conns': -1}, 'max_conns'),
+        ({'max_reqs': '10'}, 'max_reqs'),
+        ({'socket_mode': 0o1777}, 'socket_mode'),
+        ({'role': 'watcher'}, 'unknown role'),
+        ({'role': 9}, 'unknown role'),
+    ])
+    def test_bad_configuration_fails_at_start(self, kwargs, match):
+        with pytest.raises(ValueError, match=match):
+            FastCGIServer(('127.0.0.1', 0), WSGIRequestHandler(hello_app),
+                          **kwargs)
+
+    def test_bad_address_fails_at_start(self):
+        with pytest.raises(ValueError, match='address'):
+            FastCGIServer(12345, WSGIRequestHandler(hello_app))
+        port = free_port()
+        first = FastCGIServer(('127.0.0.1', port), hello_app)
+        try:
+            with pytest.raises(OSError):
+                FastCGIServer(('127.0.0.1', port), hello_app)
+        finally:
+            first.close()
+
+    def test_stop_lets_requests_in_flight_finish(self, serve):
+        def app(environ, start_response):
+            gevent.sleep(0.3)
+            start_response('200 OK', [])
+            return [b'finished']
+        server = serve(app)
+        busy = Client(server.address)
+        busy.request()
+        idle = Client(server.address)
+        idle.request(rid=1)
+        idle.response()                   # now an idle kept-open connection
+        gevent.sleep(0.05)
+        t0 = time.monotonic()
+        server.stop(timeout=5)
+        assert time.monotonic() - t0 < 2
+        assert busy.response().body == b'finished'
+        assert idle.is_closed()
+        with pytest.raises(OSError):
+            Client(server.address, timeout=1)
+
+    def test_stop_timeout_cancels_what_is_left(self, serve):
+        def app(environ, start_response):
+            gevent.sleep(30)
+            return []
+        server = serve(app)
+        client = Client(server.address)
+        client.request()
+        gevent.sleep(0.05)
+        t0 = time.monotonic()
+        server.stop(timeout=0.2)
+        assert time.monotonic() - t0 < 2
+        assert client.is_closed()
+
+    def test_connection_subclass_overrides_record_handlers(self, serve):
+        seen = []
+
+        class CountingConnection(fcgi.Connection):
+            def on_stdin(self, request_id, content):
+                seen.append(len(content))
+                super().on_stdin(request_id, content)
+
+        server = serve(echo_app)
+        server.connection_class = CountingConnection
+        assert fetch(server, body=b'abc').body == b'abc'
+        assert seen == [3, 0]
+
+
+# ---------------------------------------------------------------------------
+# 9. Prefork master and workers
+# ---------------------------------------------------------------------------
+
+def readme_python_blocks():
+    """The ``.. code:: python`` blocks of README.rst, dedented."""
+    with open(os.path.join(HERE, 'README.rst'), encoding='utf-8') as f:
+        text = f.read()
+    blocks = []
+    for part in text.split('.. code:: python\n')[1:]:
+        lines = []
+        for line in part.splitlines()[1:]:
+            if line.strip() and not line.startswith('    '):
+                break
+            lines.append(line)
+        blocks.append(textwrap.dedent('\n'.join(lines)).strip() + '\n')
+    return blocks
+
+
+def children_of(pid):
+    try:
+        with open('/proc/%d/task/%d/children' % (pid, pid)) as f:
+            return {int(p) for p in f.read().split()}
+    except FileNotFoundError:
+        return set()
+
+
+def raw_get(address, path='/', timeout=5):
+    """One request over a fresh connection, from any thread, without gevent
+    in the way: returns the Response."""
+    client = Client(address, timeout=timeout)
+    try:
+        client.request(environ={'PATH_INFO': path}, keep_conn=False)
+        return client.response()
+    finally:
+        client.close()
+
+
+class TestPrefork:
+    def test_readme_standalone_example_with_4_workers(self, tmp_path):
+        code = readme_python_blocks()[0]
+        assert 'num_workers=4' in code and "('127.0.0.1', 4000)" in code
+        port = free_port()
+        script = tmp_path / 'standalone.py'
+        script.write_text(code.replace('4000', str(port)))
+        proc = subprocess.Popen([sys.executable, str(script)], cwd=HERE,
+                                env=dict(os.environ, PYTHONPATH=HERE),
+                                stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        try:
+            wait_for_port(port, proc=proc)
+            assert wait_for(lambda: len(children_of(proc.pid)) == 4)
+            for _ in range(20):
+                response = raw_get(('127.0.0.1', port))
+                assert response.body == b'Hello World!'
+            # a worker that dies is replaced
+            victim = sorted(children_of(proc.pid))[0]
+            os.kill(victim, signal.SIGKILL)
+            assert wait_for(lambda: len(children_of(proc.pid)) == 4
+                            and victim not in children_of(proc.pid),
+                            timeout=3)
+            assert raw_get(('127.0.0.1', port)).body == b'Hello World!'
+            workers = children_of(proc.pid)
+            assert stop_process(proc) == 0
+            for pid in workers:
+                assert not os.path.exists('/proc/%d/status' % pid) or \
+                    'zombie' in open('/proc/%d/status' % pid).read()
+        finally:
+            stop_process(proc, signal.SIGKILL)
+
+    def test_sigterm_lets_a_slow_request_finish(self):
+        port = free_port()
+        proc = start_server_process(['--bind', '127.0.0.1:%d' % port,
+                                     '--workers', '2',
+                                     'test_gevent_fastcgi:e2e_app'], port)
+        try:
+            result = {}
+
+            def slow():
+                result['response'] = raw_get(('127.0.0.1', port), '/sleep')
+            thread = threading.Thread(target=slow)
+            thread.start()
+            time.sleep(0.2)
+            proc.send_signal(signal.SIGTERM)
+            thread.join(10)
+            assert result['response'].body == b'slept'
+            assert proc.wait(10) == 0
+        finally:
+            stop_process(proc, signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------
+# 10. Options table, PasteDeploy server runners
+# ---------------------------------------------------------------------------
+
+def paste_app_factory(global_conf, **local_conf):
+    return hello_app
+
+
+PASTE_INI = """
+[app:main]
+use = call:test_gevent_fastcgi:paste_app_factory
+
+[server:main]
+use = egg:gevent_fastcgi#{handler}
+socket = {socket}
+socket_mode = 0660
+max_conns = 100
+max_reqs = 10
+num_workers = 1
+gevent.monkey.patch_thread = no
+gevent.monkey.patch_time = off
+"""
+
+
+class TestPaste:
+    def test_options_are_converted(self):
+        assert fcgi.convert_options({'socket_mode': '0660', 'max_reqs': '10',
+                                     'role': 'responder, filter',
+                                     'stop_timeout': '2.5'}, 'x') == {
+            'socket_mode': 0o660, 'max_reqs': 10,
+            'role': frozenset({FCGI_RESPONDER, FCGI_FILTER}),
+            'stop_timeout': 2.5}
+        assert fcgi._to_mode('660') == fcgi._to_mode('0o660') == 0o660
+
+    @pytest.mark.parametrize('key, value, match', [
+        ('max_request', '10', "unknown setting 'max_request'"),
+        ('socket_mode', '0999', 'bad value for socket_mode'),
+        ('num_workers', 'many', 'bad value for num_workers'),
+        ('gevent.monkey.patch_all', 'perhaps', 'patch_all'),
+    ])
+    def test_bad_keys_stop_start_up(self, key, value, match):
+        with pytest.raises(ValueError, match=match):
+            fcgi.run_wsgi(hello_app, {}, host='127.0.0.1', port='0',
+                          **{key: value})
+
+    @pytest.mark.parametrize('handler', ['wsgi', 'wsgiref'])
+    def test_paste_deploy_runner(self, tmp_path, handler):
+        pytest.importorskip('paste.deploy')
+        path = str(tmp_path / 'paste.sock')
+        ini = tmp_path / 'app.ini'
+        ini.write_text(PASTE_INI.format(handler=handler, socket=path))
+        code = ('from paste.deploy import loadapp, loadserver\n'
+                'ini = "config:%s"\n'
+                'loadserver(ini)(loadapp(ini))\n' % ini)
+        proc = subprocess.Popen([sys.executable, '-c', code], cwd=HERE,
+                                env=dict(os.environ, PYTHONPATH=HERE),
+                                stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        try:
+            assert wait_for(lambda: os.path.exists(path), timeout=10)
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+            response = raw_get(path)
+            assert response.body == b'Hello, World'
+            assert stop_process(proc) == 0
+            assert not os.path.exists(path)
+        finally:
+            stop_process(proc, signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------
+# 12. Optional zope.interface declarations
+# ---------------------------------------------------------------------------
+
+class TestInterfaces:
+    def test_shipped_classes_provide_the_interfaces(self, serve):
+        pytest.importorskip('zope.interface')
+        from zope.interface.verify import verifyObject
+        from gevent_fastcgi.interfaces import IRequest, IRequestHandler
+        assert IRequestHandler is fcgi.IRequestHandler
+        assert verifyObject(IRequestHandler, WSGIRequestHandler(hello_app))
+        assert verifyObject(IRequestHandler, WSGIRefRequestHandler(hello_app))
+        seen = []
+
+        def handler(request):
+            seen.append(request)
+            request.stdout.write(b'\r\nok')
+        fetch(serve(handler, wsgi=False))
+        assert verifyObject(IRequest, seen[0])
+
+    def test_module_works_without_optional_packages(self):
+        code = textwrap.dedent('''
+            import sys
+            # gevent itself loads zope.interface for its hub: let it, then
+            # hide the optional packages from gevent_fastcgi.
+            import gevent, gevent.socket
+            gevent.get_hub()
+            for name in list(sys.modules):
+                if name.split('.')[0] in ('zope', 'paste', 'django'):
+                    del sys.modules[name]
+            for name in ('zope', 'zope.interface', 'paste', 'paste.deploy',
+                         'django'):
+                sys.modules[name] = None
+            import gevent_fastcgi as fcgi
+
+            def app(environ, start_response):
+                start_response('200 OK', [])
+                return [b'no extras']
+            server = fcgi.FastCGIServer(('127.0.0.1', 0),
+                                        fcgi.WSGIRequestHandler(app))
+            server.start()
+            sock = gevent.socket.create_connection(server.address)
+            sock.sendall(fcgi.encode_begin_request(1)
+                         + fcgi.encode_records(fcgi.FCGI_PARAMS, 1)
+                         + fcgi.encode_records(fcgi.FCGI_STDIN, 1))
+            parser, out = fcgi.RecordParser(), b''
+            while not out.endswith(b'no extras'):
+                out += b''.join(r.content for r in parser.feed(sock.recv(4096))
+                                if r.type == fcgi.FCGI_STDOUT)
+            try:
+                fcgi.IRequestHandler
+            except ImportError:
+                print('served without extras')
+        ''')
+        result = subprocess.run([sys.executable, '-c', code], cwd=HERE,
+                                env=dict(os.environ, PYTHONPATH=HERE),
+                                capture_output=True, text=True, timeout=30)
+        assert result.stdout.strip() == 'served without extras', result.stderr
+
+
+# ---------------------------------------------------------------------------
+# The seed README's custom handler example
+# ---------------------------------------------------------------------------
+
+class TestReadmeCGIExample:
+    @pytest.fixture
+    def handler_class(self):
+        pytest.importorskip('zope.interface')
+        code = readme_python_blocks()[1]
+        assert 'class CGIRequestHandler' in code
+        namespace = {'__name__': 'readme_example'}
+        exec(compile(code, 'README.rst', 'exec'), namespace)
+        return namespace['CGIRequestHandler']
+
+    def test_runs_a_cgi_script(self, serve, tmp_path, handler_class):
+        script = tmp_path / 'upper.cgi'
+        script.write_text('#!/bin/sh\n'
+                          'echo "Content-Type: text/plain"\n'
+                          'echo\n'
+                          'tr a-z A-Z\n'
+                          'echo "to stderr" >&2\n')
+        script.chmod(0o755)
+        server = serve(handler_class(str(tmp_path)), wsgi=False)
+        response = fetch(server, {'SCRIPT_NAME': '/upper.cgi',
+                                  'REQUEST_URI': '/upper.cgi'},
+                         body=b'shout this')
+        assert response.status == 200
+        assert response.body == b'SHOUT THIS'
+        assert response.stderr == b'to stderr\n'
+        from zope.interface.verify import verifyObject
+        assert verifyObject(fcgi.IRequestHandler,
+                            handler_class(str(tmp_path)))
+
+    def test_missing_script_is_404(self, serve, tmp_path, handler_class):
+        server = serve(handler_class(str(tmp_path)), wsgi=False)
+        response = fetch(server, {'SCRIPT_NAME': '/nope.cgi',
+                                  'REQUEST_URI': '/nope.cgi?x'})
+        assert response.status == 404
+        assert response.body == b'No resource can be found for URI /nope.cgi?x'
+        assert b'Cannot locate' in response.stderr
+
+
+# ---------------------------------------------------------------------------
+# Regression tests: defects of the original gevent-fastcgi (shared/STYLE.md)
+# ---------------------------------------------------------------------------
+
+class TestDefectsOfTheOriginal:
+    def test_1_get_values_never_answers_none(self, serve):
+        server = serve(hello_app)
+        client = Client(server.address)
+        client.send(encode_records(FCGI_GET_VALUES, 0, encode_pairs(
+            [(b'FCGI_UNHEARD_OF', b'')])))
+        record = client.read_record()
+        assert record.type == FCGI_GET_VALUES_RESULT
+        assert record.content == b''
+        assert b'None' not in record.content
+
+    def test_2_unknown_type_and_inactive_id_keep_the_connection(self, serve):
+        server = serve(hello_app)
+        client = Client(server.address)
+        client.send(encode_records(99, 0, b''))
+        assert client.read_record().type == FCGI_UNKNOWN_TYPE
+        client.send(encode_records(99, 42, b'x'))            # inactive id
+        client.send(encode_records(FCGI_STDIN, 42, b'x'))
+        client.request()
+        assert client.response().status == 200
+
+    def test_3_generator_chunk_over_65535(self, serve):
+        def app(environ, start_response):
+            start_response('200 OK', [])
+            yield b'z' * 70000
+        assert fetch(serve(app)).body == b'z' * 70000
+
+    def test_4_no_traceback_close_runs_multiprocess_true(self, serve):
+        closed = []
+
+        class Failing:
+            def __iter__(self):
+                raise RuntimeError('Traceback material')
+                yield
+
+            def close(self):
+                closed.append(1)
+
+        def app(environ, start_response):
+            start_response('200 OK', [])
+            return Failing() if environ['PATH_INFO'] == '/fail' else [
+                str(environ['wsgi.multiprocess']).encode()]
+        server = serve(app, num_workers=2)
+        response = fetch(server, {'PATH_INFO': '/fail'})
+        assert response.status == 500 and b'Traceback' not in response.stdout
+        assert closed == [1]
+        assert fetch(server).body == b'True'
+
+    def test_5_subclass_record_handlers(self, serve):
+        class Quiet(fcgi.Connection):
+            def on_get_values(self, content):
+                self.send(encode_records(FCGI_GET_VALUES_RESULT, 0,
+                                         encode_pairs([(b'OVERRIDDEN', b'1')])))
+        server = serve(hello_app)
+        server.connection_class = Quiet
+        client = Client(server.address)
+        client.send(encode_records(FCGI_GET_VALUES, 0, b''))
+        assert decode_pairs(client.read_record().content) == [
+            (b'OVERRIDDEN', b'1')]
+
+    # 6 (num_workers > 1 crashed): TestPrefork.
+    # 7 (Paste runner: octal socket_mode, gevent.monkey keys, unknown keys):
+    #   TestPaste.
+    # 9 (stale unix socket): TestServer.test_stale_socket_file_is_replaced.
