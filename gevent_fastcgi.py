@@ -421,9 +421,11 @@ class InputStream:
             self._waiter.set()
 
     def fail(self, error: BaseException) -> None:
-        """Make the reader's next read raise ``error``."""
+        """Make the reader's next read raise ``error``; what arrives later
+        is dropped (the stream is not ended: the web server still sends)."""
         self._error = error
-        self.feed_eof()
+        if self._waiter is not None:
+            self._waiter.set()
 
     def close(self) -> None:
         if self._file is not None:
@@ -745,10 +747,10 @@ class Connection:
         if request_id in self.requests:
             raise ProtocolError('BEGIN_REQUEST for request %d, which is '
                                 'already active' % request_id)
+        if self.closing:
+            return      # our side is shut: the web server will see the close
         server = self.server
-        if self.closing or server.stopping:
-            protocol_status = FCGI_OVERLOADED
-        elif role not in server.roles:
+        if role not in server.roles:
             protocol_status = FCGI_UNKNOWN_ROLE
         elif server.active_requests >= server.max_reqs:
             protocol_status = FCGI_OVERLOADED

@@ -420,6 +420,30 @@ class TestInputStream:
         stream.feed(b'x' * 1000)
         assert not stream._file._rolled
 
+    def test_disk_full_fails_that_request_only(self, serve, monkeypatch):
+        def app(environ, start_response):
+            body = environ['wsgi.input'].read()
+            start_response('200 OK', [])
+            return [b'%d' % len(body)]
+        server = serve(app, spool_size=1000)
+        real_write = tempfile.SpooledTemporaryFile.write
+
+        def write(self, data):
+            if self._rolled and b'FULL' in data:
+                raise OSError(28, 'No space left on device')
+            return real_write(self, data)
+        monkeypatch.setattr(tempfile.SpooledTemporaryFile, 'write', write)
+        client = Client(server.address)
+        client.begin(1)
+        client.params(1, {'REQUEST_METHOD': 'POST'})
+        client.stdin(1, b'x' * 2000, end=False)
+        client.stdin(1, b'FULL' * 100, end=False)
+        client.stdin(1, b'more after the failure')     # not a protocol error
+        response = client.response(1)
+        assert response.status == 500
+        client.request(rid=2, body=b'y' * 500)         # connection goes on
+        assert client.response(2).body == b'500'
+
     def test_failure_reaches_the_reader(self):
         stream = fcgi.InputStream()
         gevent.spawn_later(0.01, stream.fail, OSError(28, 'disk full'))
