@@ -638,6 +638,8 @@ class Request:
         self.stderr = OutputStream(self, FCGI_STDERR)
         self.greenlet = None            # runs the handler once PARAMS ended
         self.started = False            # the handler has begun to run
+        self.status = None              # HTTP status, for the access log
+        self.body_size = None           # body bytes, for the access log
         self.ended = False              # END_REQUEST sent, or connection lost
         self.params_done = False
         self._params: List[bytes] = []
@@ -840,6 +842,7 @@ class Connection:
         request with whatever it left in its streams."""
         request.started = True
         app_status = 0
+        started = time.time() if self.server.access_log else None
         try:
             result = self.server.request_handler(request)
             if type(result) is int:
@@ -862,6 +865,8 @@ class Connection:
                 self.end_request(request, app_status, output=output)
             except ConnectionClosed:
                 pass
+        if started is not None:
+            log_access(request, started)
 
     def refuse(self, request: Request, status: str, reason: str) -> None:
         """Answer a request we will not run with an HTTP error of our own."""
@@ -947,6 +952,51 @@ class Connection:
         once the last one ends."""
         if not self.requests:
             self.close()
+
+
+access_logger = logging.getLogger('gevent_fastcgi.access')
+
+
+def log_access(request: Request, started: float) -> None:
+    """One line per request in the combined log format, followed by the
+    duration in microseconds (Apache's %D)."""
+    environ = request.environ
+    uri = environ.get('REQUEST_URI')
+    if uri is None:
+        uri = environ.get('SCRIPT_NAME', '') + environ.get('PATH_INFO', '')
+        if environ.get('QUERY_STRING'):
+            uri += '?' + environ['QUERY_STRING']
+    size = request.body_size
+    if size is None:
+        size = request.stdout.bytes_written
+    access_logger.info(
+        '%s - %s [%s] "%s %s %s" %s %s "%s" "%s" %d',
+        environ.get('REMOTE_ADDR', '-'), environ.get('REMOTE_USER') or '-',
+        time.strftime('%d/%b/%Y:%H:%M:%S %z', time.localtime(started)),
+        environ.get('REQUEST_METHOD', '-'), uri,
+        environ.get('SERVER_PROTOCOL', '-'), request.status or '-',
+        size or '-', environ.get('HTTP_REFERER', '-'),
+        environ.get('HTTP_USER_AGENT', '-'),
+        int((time.time() - started) * 1e6))
+
+
+def configure_access_log(target) -> bool:
+    """access_log option: None/False: off; True: records go to the
+    'gevent_fastcgi.access' logger, for the application's logging to route;
+    '-': stdout; any other str: that file."""
+    if not target:
+        return False
+    if target is True:
+        return True
+    if target == '-':
+        handler = logging.StreamHandler(sys.stdout)
+    else:
+        handler = logging.FileHandler(target)
+    handler.setFormatter(logging.Formatter('%(message)s'))
+    access_logger.addHandler(handler)
+    access_logger.setLevel(logging.INFO)
+    access_logger.propagate = False
+    return True
 
 
 # ---------------------------------------------------------------------------
@@ -1168,6 +1218,7 @@ class WSGIResponse:
                                      'before calling start_response()')
             self.stdout.write(self._header_block(content_length))
             self.headers_sent = True
+            self.request.status = self.status[:3]
         if data and not self.is_head:
             self.stdout.write(data)
         self.bytes_sent += len(data)
@@ -1208,6 +1259,7 @@ class WSGIResponse:
     def finish(self) -> None:
         if not self.headers_sent:
             self._send(b'', 0)
+        self.request.body_size = 0 if self.is_head else self.bytes_sent
 
     def fail(self, exc_info, debug: bool) -> None:
         request = self.request
@@ -1226,6 +1278,8 @@ class WSGIResponse:
         self.stdout._chunks = []        # drop headers gathered, not sent
         self.stdout._pending = 0
         self.stdout.write(response)
+        request.status = '500'
+        request.body_size = len(response) - response.index(b'\r\n\r\n') - 4
 
 
 def _not_bytes(chunk) -> TypeError:
@@ -1264,6 +1318,7 @@ def _make_wsgiref_handler():
         _in_headers = False
 
         def send_headers(self):
+            self.request.status = self.status[:3]
             self._in_headers = True
             try:
                 super().send_headers()
@@ -1398,12 +1453,29 @@ def _is_socket(obj) -> bool:
     return hasattr(obj, 'accept') and hasattr(obj, 'getsockname')
 
 
+def inherited_listener(fd: int):
+    """The listening socket on file descriptor ``fd``, as left to us by
+    systemd, spawn-fcgi or a web server that starts FastCGI apps."""
+    try:
+        sock = gevent.socket.socket(fileno=fd)
+    except OSError as exc:
+        raise OSError(exc.errno, 'fd %d is not a socket: %s'
+                      % (fd, exc.strerror)) from None
+    if not sock.getsockopt(_stdlib_socket.SOL_SOCKET,
+                           _stdlib_socket.SO_ACCEPTCONN):
+        sock.detach()
+        raise ValueError('fd %d is a socket but not a listening one' % fd)
+    return sock
+
+
 class FastCGIServer(StreamServer):
     """A FastCGI server: accepts connections from web servers and runs
     ``request_handler(request)`` for each request.
 
     address        (host, port) for TCP (IPv4 or IPv6), a path for a unix
-                   socket, or a listening socket object
+                   socket, an int: an inherited listening socket's file
+                   descriptor, a listening socket object; or a list of these
+                   to listen on several at once
     request_handler  callable taking a Request, e.g. WSGIRequestHandler(app)
     role           role(s) served: FCGI_RESPONDER (default), FCGI_AUTHORIZER,
                    FCGI_FILTER, their names, or a list; others get
@@ -1419,6 +1491,8 @@ class FastCGIServer(StreamServer):
     max_params_size, max_params   limits of one request's FCGI_PARAMS,
                    beyond which it is answered 431
     stop_timeout   seconds a stopping server waits for requests in flight
+    access_log     None (off), '-' (stdout), a file path, or True (records go
+                   to the 'gevent_fastcgi.access' logger only)
 
     The socket is bound when the server is created, so that a bad address
     fails at once; it is closed by stop().
@@ -1435,7 +1509,8 @@ class FastCGIServer(StreamServer):
                  spool_size: int = DEFAULT_SPOOL_SIZE,
                  max_params_size: int = 1024 * 1024,
                  max_params: int = 10000,
-                 stop_timeout: Optional[float] = None) -> None:
+                 stop_timeout: Optional[float] = None,
+                 access_log=None) -> None:
         if not callable(request_handler):
             raise TypeError('request_handler %r is not callable'
                             % (request_handler,))
@@ -1463,25 +1538,59 @@ class FastCGIServer(StreamServer):
         self.max_params = max_params
         if stop_timeout is not None:
             self.stop_timeout = stop_timeout
+        self.access_log = configure_access_log(access_log)
         self.active_requests = 0
         self.stopping = False
         self.connections = set()
-        self.unix_path = None
-        self._bound_by_pid = None
-        if _is_socket(address):
-            listener = address
-        else:
-            listener = create_listener(address, backlog or self.backlog,
-                                       socket_mode)
-            self._bound_by_pid = os.getpid()
-            if listener.family == _stdlib_socket.AF_UNIX:
-                self.unix_path = os.fsdecode(address)
+        self.unix_paths = []            # socket files we made, and remove
+        self._bound_by_pid = os.getpid()
+        listeners = []
+        try:
+            for one in (address if isinstance(address, list) else [address]):
+                listeners.append(self._listen(one, backlog or self.backlog,
+                                              socket_mode))
+        except BaseException:
+            for listener in listeners:
+                listener.close()
+            self._remove_unix_sockets()
+            raise
+        if not listeners:
+            raise ValueError('address: give at least one address')
         if num_workers > 1:
             # Several processes share the socket: each takes one connection
             # per wake-up so that the load spreads over them.
             self.max_accept = 1
-        StreamServer.__init__(self, listener,
+        StreamServer.__init__(self, listeners[0],
                               spawn=gevent.pool.Pool(max_conns))
+        # Further addresses: listeners of their own that share our pool
+        # (max_conns), our handle and so our request count (max_reqs).
+        self.extra_listeners = []
+        for listener in listeners[1:]:
+            extra = StreamServer(listener, self.handle, spawn=self.pool)
+            extra.max_accept = self.max_accept
+            self.extra_listeners.append(extra)
+        self.addresses = [self.address] + [extra.address
+                                           for extra in self.extra_listeners]
+
+    def _listen(self, address, backlog, socket_mode):
+        if _is_socket(address):
+            return address
+        if isinstance(address, int) and not isinstance(address, bool):
+            return inherited_listener(address)
+        listener = create_listener(address, backlog, socket_mode)
+        if listener.family == _stdlib_socket.AF_UNIX:
+            self.unix_paths.append(os.fsdecode(address))
+        return listener
+
+    def start(self) -> None:
+        StreamServer.start(self)
+        for extra in self.extra_listeners:
+            extra.start()
+
+    def close(self) -> None:
+        for extra in getattr(self, 'extra_listeners', ()):
+            extra.close()
+        StreamServer.close(self)
 
     def handle(self, sock, address) -> None:
         connection = self.connection_class(self, sock, address)
@@ -1498,15 +1607,18 @@ class FastCGIServer(StreamServer):
         try:
             StreamServer.stop(self, timeout)
         finally:
-            self._remove_unix_socket()
+            self._remove_unix_sockets()
 
-    def _remove_unix_socket(self) -> None:
-        if self.unix_path and self._bound_by_pid == os.getpid():
-            try:
-                os.unlink(self.unix_path)
-            except OSError:
-                pass
-            self.unix_path = None
+    def _remove_unix_sockets(self) -> None:
+        # Only the process that made them: a worker's exit must not pull
+        # the socket from under its master and siblings.
+        if self._bound_by_pid == os.getpid():
+            for path in self.unix_paths:
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+            self.unix_paths = []
 
     def serve_forever(self, stop_timeout=None) -> None:
         """Serve until stopped.  In the main thread, SIGTERM and SIGINT stop
@@ -1584,7 +1696,7 @@ class Arbiter:
             os.close(self._wake_r)
             os.close(self._wake_w)
             self.server.close()
-            self.server._remove_unix_socket()
+            self.server._remove_unix_sockets()
 
     def _queue_signal(self, signum, frame) -> None:
         self.signal_queue.append(signum)
@@ -1779,6 +1891,9 @@ SERVER_OPTIONS = [
     Option('stop_timeout', '--graceful-timeout', _to_float,
            'seconds a stopping server waits for requests in flight '
            '(default 30)'),
+    Option('access_log', '--access-log', str,
+           'access log, combined format plus the duration in microseconds: '
+           'a file, or - for stdout (default: none)'),
 ]
 OPTIONS_BY_NAME = {option.name: option for option in SERVER_OPTIONS}
 
@@ -1815,6 +1930,55 @@ def monkey_patch(names: Iterable[str]) -> None:
         function()
 
 
+def make_handler(handler_name: str, app, debug: bool = False):
+    """'wsgi' | 'wsgiref' | 'fastcgi' -> the request handler serving app."""
+    if handler_name == 'wsgi':
+        return WSGIRequestHandler(app, debug=debug)
+    if handler_name == 'wsgiref':
+        return WSGIRefRequestHandler(app)
+    if handler_name == 'fastcgi':
+        if not callable(app):
+            raise TypeError('request handler %r is not callable' % (app,))
+        return app
+    raise ValueError('unknown handler %r: use wsgi, wsgiref or fastcgi'
+                     % (handler_name,))
+
+
+def write_pid_file(path: str) -> None:
+    tmp = '%s.%d.tmp' % (path, os.getpid())
+    with open(tmp, 'w') as f:
+        f.write('%d\n' % os.getpid())
+    os.replace(tmp, path)       # never a half-written pid file
+
+
+def remove_pid_file(path: str) -> None:
+    try:
+        with open(path) as f:
+            if f.read().strip() != str(os.getpid()):
+                return          # not ours any more
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def run_server(app, address, handler: str = 'wsgi', debug: bool = False,
+               pid_file: Optional[str] = None, **options) -> None:
+    """What the command line, the Paste runners and the Django command all
+    do: make the server (binding at once), write the pid file, serve until
+    stopped."""
+    server = FastCGIServer(address, make_handler(handler, app, debug),
+                           **options)
+    logger.info('gevent_fastcgi %s serving %r on %s', __version__, app,
+                ', '.join(_describe(a) for a in server.addresses))
+    if pid_file:
+        write_pid_file(pid_file)
+    try:
+        server.serve_forever()
+    finally:
+        if pid_file:
+            remove_pid_file(pid_file)
+
+
 def _paste_runner(handler_name: str):
     def run(app, global_conf=None, **local_conf):
         where = 'gevent_fastcgi#%s' % handler_name
@@ -1822,7 +1986,12 @@ def _paste_runner(handler_name: str):
         host = settings.pop('host', None)
         port = settings.pop('port', None)
         path = settings.pop('socket', None)
-        debug = _to_bool(settings.pop('debug', False))
+        pid_file = settings.pop('pid_file', None)
+        try:
+            debug = _to_bool(settings.pop('debug', False))
+        except ValueError as exc:
+            raise ValueError('%s: bad value for debug: %s' % (where, exc)) \
+                from None
         patches = []
         for key in [k for k in settings if k.startswith(MONKEY_PREFIX)]:
             value = settings.pop(key)
@@ -1847,31 +2016,81 @@ def _paste_runner(handler_name: str):
                 raise ValueError('%s: bad port: %s' % (where, exc)) from None
         if patches:
             monkey_patch(patches)
-        server = FastCGIServer(address, make_handler(handler_name, app, debug),
-                               **options)
-        logger.info('serving %r on %s', app, address)
-        server.serve_forever()
-    run.__name__ = 'run_' + handler_name
+        run_server(app, address, handler_name, debug, pid_file, **options)
+    run.__name__ = run.__qualname__ = 'run_' + handler_name
     run.__doc__ = ('PasteDeploy server runner: ``use = egg:gevent_fastcgi#%s``'
                    % handler_name)
     return run
 
 
-def make_handler(handler_name: str, app, debug: bool = False):
-    """'wsgi' | 'wsgiref' | 'fastcgi' -> the request handler serving app."""
-    if handler_name == 'wsgi':
-        return WSGIRequestHandler(app, debug=debug)
-    if handler_name == 'wsgiref':
-        return WSGIRefRequestHandler(app)
-    if handler_name == 'fastcgi':
-        return app
-    raise ValueError('unknown handler %r: use wsgi, wsgiref or fastcgi'
-                     % (handler_name,))
-
-
 run_wsgi = _paste_runner('wsgi')
 run_wsgiref = _paste_runner('wsgiref')
 run_fastcgi = _paste_runner('fastcgi')
+
+
+# ---------------------------------------------------------------------------
+# 11. Django management command loader
+# ---------------------------------------------------------------------------
+#
+# With 'gevent_fastcgi' in INSTALLED_APPS, Django's default AppConfig takes
+# this file's folder as the app's path, and looks for commands with
+# pkgutil.iter_modules([<folder>/management/commands]).  That folder does not
+# exist: a path hook, last in sys.path_hooks so that it sees nothing a real
+# finder claims, answers for exactly that path with our one command, and
+# sys.modules holds the module Django then imports.  Django itself is
+# imported only when the command runs.
+
+DJANGO_COMMAND = 'run_gevent_fastcgi'
+
+
+class _DjangoCommandsFinder:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def iter_modules(self, prefix: str = ''):
+        yield prefix + DJANGO_COMMAND, False
+
+    def find_spec(self, fullname, target=None):
+        return None
+
+
+def _django_commands_path() -> str:
+    folder = os.path.dirname(os.path.abspath(__file__))
+    return os.path.join(folder, 'management', 'commands')
+
+
+def _django_path_hook(path: str):
+    if path == _django_commands_path():
+        return _DjangoCommandsFinder(path)
+    raise ImportError('not the gevent_fastcgi commands path')
+
+
+def _django_command_class():
+    from django.core.management.base import BaseCommand
+
+    class Command(BaseCommand):
+        help = ('Serve this project over FastCGI with gevent_fastcgi '
+                '(listening on ADDRESS: host:port, [ipv6]:port or '
+                'unix:/path).')
+
+        def add_arguments(self, parser):
+            parser.add_argument(
+                'address', nargs='*', type=_checked(parse_address),
+                help='where to listen (default 127.0.0.1:9000)')
+            add_server_arguments(parser, django=True)
+
+        def handle(self, *args, **opts):
+            from django.core.servers.basehttp import \
+                get_internal_wsgi_application
+            if not logging.getLogger().handlers:
+                logging.basicConfig(format=LOG_FORMAT)
+            logger.setLevel(getattr(logging, opts['log_level'].upper()))
+            run_server(get_internal_wsgi_application(),
+                       opts['address'] or [('127.0.0.1', 9000)],
+                       opts['handler'], opts['debug'], opts['pid_file'],
+                       **server_options(opts))
+
+    return Command
 
 
 # ---------------------------------------------------------------------------
@@ -1941,6 +2160,22 @@ def _register_seed_module_names() -> None:
         raise AttributeError(name)
     interfaces.__getattr__ = interfaces_getattr
     sys.modules.setdefault(interfaces.__name__, interfaces)
+    # Django's loader (section 11): the modules it imports for our command.
+    command = types.ModuleType('%s.management.commands.%s'
+                               % (__name__, DJANGO_COMMAND))
+
+    def command_getattr(name):
+        if name == 'Command':
+            command.Command = _django_command_class()
+            return command.Command
+        raise AttributeError(name)
+    command.__getattr__ = command_getattr
+    for name in ('management', 'management.commands'):
+        sys.modules.setdefault('%s.%s' % (__name__, name),
+                               types.ModuleType('%s.%s' % (__name__, name)))
+    sys.modules.setdefault(command.__name__, command)
+    if _django_path_hook not in sys.path_hooks:
+        sys.path_hooks.append(_django_path_hook)
 
 
 _register_seed_module_names()
@@ -1951,9 +2186,16 @@ _register_seed_module_names()
 # ---------------------------------------------------------------------------
 
 def parse_address(text: str):
-    """'host:port', '[v6]:port', ':port' (all interfaces), 'unix:/path' or a
-    path -> what FastCGIServer takes."""
+    """'host:port', '[v6]:port', ':port' (all interfaces), 'unix:/path', a
+    path, or 'fd://N' (an inherited listening socket) -> what FastCGIServer
+    takes."""
     text = text.strip()
+    if text.startswith('fd://'):
+        try:
+            return int(text[5:])
+        except ValueError:
+            raise ValueError('%r: fd://N takes a file descriptor number'
+                             % text) from None
     if text.startswith('unix:'):
         return text[5:]
     if text.startswith(('/', './', '../')):
@@ -2010,44 +2252,67 @@ def demo_app(environ, start_response):
     return [body]
 
 
-def build_parser():
+LOG_FORMAT = '%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s'
+
+
+def _checked(convert):
+    """A converter raising ValueError -> an argparse type."""
     import argparse
 
-    def checked(convert):
-        def parse(text):
-            try:
-                return convert(text)
-            except ValueError as exc:
-                raise argparse.ArgumentTypeError(str(exc)) from None
-        parse.__name__ = getattr(convert, '__name__', 'value')
-        return parse
+    def parse(text):
+        try:
+            return convert(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    parse.__name__ = getattr(convert, '__name__', 'value')
+    return parse
 
-    parser = argparse.ArgumentParser(
-        prog='python -m gevent_fastcgi',
-        description='Serve a WSGI application (or a FastCGI request handler) '
-                    'over FastCGI. Without APP, a demo page that shows each '
-                    'request.')
-    parser.add_argument('app', nargs='?', metavar='APP',
-                        help='module:name of the WSGI application (or '
-                             'module:factory() to call a factory); default: '
-                             'the built-in demo')
-    parser.add_argument('-b', '--bind', default='127.0.0.1:9000',
-                        type=checked(parse_address), metavar='ADDRESS',
-                        help='host:port, [ipv6]:port or unix:/path to listen '
-                             'on (default 127.0.0.1:9000)')
-    parser.add_argument('--handler', choices=sorted(HANDLERS), default='wsgi',
+
+def add_server_arguments(parser, django: bool = False) -> None:
+    """The options the command line and the Django command share."""
+    parser.add_argument('--handler', choices=sorted(HANDLERS),
+                        default='wsgi',
                         help='wsgi: our WSGI driver (default); wsgiref: the '
-                             'standard library\'s; fastcgi: APP is a request '
+                             "standard library's; fastcgi: APP is a request "
                              'handler taking a Request')
     for option in SERVER_OPTIONS:
         parser.add_argument(option.flag, dest=option.name,
-                            type=checked(option.convert), help=option.help)
+                            metavar=option.flag[2:].upper().replace('-', '_'),
+                            type=_checked(option.convert), help=option.help)
+    parser.add_argument('--pid', dest='pid_file', metavar='FILE',
+                        help='write the server (master) process id to FILE')
     parser.add_argument('--debug', action='store_true',
                         help='send tracebacks of failing requests to the '
                              'client (never in production)')
     parser.add_argument('--log-level', default='info',
                         choices=['debug', 'info', 'warning', 'error'],
                         help='logging level (default info)')
+
+
+def server_options(opts) -> Dict:
+    return {option.name: opts[option.name] for option in SERVER_OPTIONS
+            if opts.get(option.name) is not None}
+
+
+def build_parser():
+    import argparse
+    parser = argparse.ArgumentParser(
+        prog='python -m gevent_fastcgi',
+        description='Serve a WSGI application (or a FastCGI request handler) '
+                    'over FastCGI. Without APP, a demo page that shows each '
+                    'request. "python -m gevent_fastcgi request --help": the '
+                    'built-in FastCGI client.')
+    parser.add_argument('app', nargs='?', metavar='APP',
+                        help='module:name of the WSGI application (or '
+                             'module:factory() to call a factory); default: '
+                             'the built-in demo')
+    parser.add_argument('-b', '--bind', action='append',
+                        type=_checked(parse_address), metavar='ADDRESS',
+                        help='host:port, [ipv6]:port, unix:/path or fd://N '
+                             '(repeat it to listen on several); default: a '
+                             'socket inherited from systemd or on fd 0, '
+                             'else 127.0.0.1:9000')
+    add_server_arguments(parser)
     parser.add_argument('--chdir', metavar='DIR',
                         help='change to DIR before loading APP')
     parser.add_argument('--monkey-patch', metavar='NAMES',
@@ -2059,12 +2324,38 @@ def build_parser():
     return parser
 
 
+def inherited_addresses() -> List[int]:
+    """Listening sockets this process was started with: systemd socket
+    activation (LISTEN_FDS for our pid), else fd 0 when it is a listening
+    socket (FCGI_LISTENSOCK_FILENO: spawn-fcgi, lighttpd's bin-path, Apache
+    mod_fcgid)."""
+    if os.environ.get('LISTEN_PID') == str(os.getpid()):
+        count = int(os.environ.get('LISTEN_FDS', '0'))
+        for name in ('LISTEN_PID', 'LISTEN_FDS', 'LISTEN_FDNAMES'):
+            os.environ.pop(name, None)      # not for our children
+        return list(range(3, 3 + count))
+    try:
+        probe = _stdlib_socket.socket(fileno=FCGI_LISTENSOCK_FILENO)
+    except OSError:
+        return []
+    try:
+        listening = probe.getsockopt(_stdlib_socket.SOL_SOCKET,
+                                     _stdlib_socket.SO_ACCEPTCONN)
+    except OSError:
+        listening = False
+    finally:
+        probe.detach()
+    return [FCGI_LISTENSOCK_FILENO] if listening else []
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ['request']:
+        return client_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format='%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s')
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format=LOG_FORMAT)
     if args.monkey_patch:
         try:
             monkey_patch(name.strip() for name in args.monkey_patch.split(',')
@@ -2089,25 +2380,170 @@ def main(argv=None) -> int:
         if args.handler == 'fastcgi':
             parser.error('--handler fastcgi needs APP')
         app = demo_app
-    options = {option.name: getattr(args, option.name)
-               for option in SERVER_OPTIONS
-               if getattr(args, option.name) is not None}
+    address = args.bind or inherited_addresses() or [('127.0.0.1', 9000)]
     try:
-        server = FastCGIServer(args.bind, make_handler(args.handler, app,
-                                                       args.debug), **options)
+        run_server(app, address, args.handler, args.debug, args.pid_file,
+                   **server_options(vars(args)))
     except (OSError, ValueError, TypeError) as exc:
         logger.error('cannot start: %s', exc)
         return 1
-    logger.info('gevent_fastcgi %s serving %s on %s', __version__,
-                args.app or 'the demo app', _describe(server.address))
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        server.stop()
     return 0
 
 
+# -- the built-in FastCGI client ----------------------------------------------
+
+def fastcgi_request(address, uri: str = '/', method: str = 'GET',
+                    headers: Iterable[Tuple[str, str]] = (), body: bytes = b'',
+                    params: Optional[Dict[str, str]] = None,
+                    timeout: float = 10.0):
+    """Send one request to a FastCGI server (ours or any other) with a plain
+    blocking socket; return (stdout, stderr, app_status, protocol_status).
+    ``params`` add to or replace the CGI variables made from the request."""
+    path, _, query = uri.partition('?')
+    environ = {
+        'GATEWAY_INTERFACE': 'CGI/1.1', 'SERVER_SOFTWARE':
+        'gevent_fastcgi/%s' % __version__, 'SERVER_PROTOCOL': 'HTTP/1.1',
+        'SERVER_NAME': 'localhost', 'SERVER_PORT': '80',
+        'REMOTE_ADDR': '127.0.0.1', 'REMOTE_PORT': '0',
+        'REQUEST_METHOD': method, 'REQUEST_URI': uri, 'SCRIPT_NAME': '',
+        'PATH_INFO': path, 'DOCUMENT_URI': path, 'SCRIPT_FILENAME': path,
+        'QUERY_STRING': query, 'CONTENT_LENGTH': str(len(body)),
+    }
+    for name, value in headers:
+        key = name.strip().upper().replace('-', '_')
+        if key in ('CONTENT_TYPE', 'CONTENT_LENGTH'):
+            environ[key] = value.strip()
+        else:
+            environ['HTTP_' + key] = value.strip()
+    environ.update(params or {})
+    request_id = 1
+    wire = (encode_begin_request(request_id, FCGI_RESPONDER, False)
+            + encode_records(FCGI_PARAMS, request_id, encode_pairs(environ))
+            + encode_records(FCGI_PARAMS, request_id)
+            + (encode_records(FCGI_STDIN, request_id, body) if body else b'')
+            + encode_records(FCGI_STDIN, request_id))
+    if isinstance(address, tuple):
+        sock = _stdlib_socket.create_connection(address[:2], timeout)
+    else:
+        sock = _stdlib_socket.socket(_stdlib_socket.AF_UNIX)
+        sock.settimeout(timeout)
+        sock.connect(address)
+    stdout, stderr = [], []
+    parser = RecordParser()
+    try:
+        sock.sendall(wire)
+        while True:
+            data = sock.recv(65536)
+            for rtype, rid, content in parser.feed(data):
+                if rid != request_id:
+                    continue
+                if rtype == FCGI_STDOUT:
+                    stdout.append(content)
+                elif rtype == FCGI_STDERR:
+                    stderr.append(content)
+                elif rtype == FCGI_END_REQUEST:
+                    app_status, protocol_status = decode_end_request(content)
+                    return (b''.join(stdout), b''.join(stderr), app_status,
+                            protocol_status)
+            if not data:
+                raise ConnectionClosed('the server closed the connection '
+                                       'before FCGI_END_REQUEST')
+    finally:
+        sock.close()
+
+
+def response_status(stdout: bytes) -> int:
+    """The HTTP status of a CGI response: its Status header, else 302 with a
+    Location header, else 200."""
+    head = re.split(br'\r?\n\r?\n', stdout, maxsplit=1)[0]
+    location = False
+    for line in re.split(br'\r?\n', head):
+        name, _, value = line.partition(b':')
+        name = name.strip().lower()
+        if name == b'status':
+            return int(value.split()[0])
+        location = location or name == b'location'
+    return 302 if location else 200
+
+
+def client_main(argv) -> int:
+    """python -m gevent_fastcgi request ADDRESS [URI]: exit 0 only for 2xx."""
+    import argparse
+    parser = argparse.ArgumentParser(
+        prog='python -m gevent_fastcgi request',
+        description='Send one request to a FastCGI server and print the '
+                    'response (CGI headers, blank line, body). Exit status: '
+                    '0 for a 2xx response, 1 otherwise (or when the server '
+                    'cannot be reached), 2 for bad arguments. Meant as a '
+                    'health check (Docker HEALTHCHECK, Kubernetes probes).')
+    parser.add_argument('address', type=_checked(parse_address),
+                        help='host:port, [ipv6]:port or unix:/path')
+    parser.add_argument('uri', nargs='?', default='/',
+                        help='path and query string (default /)')
+    parser.add_argument('-X', '--method', default='GET')
+    parser.add_argument('-H', '--header', action='append', default=[],
+                        metavar='"NAME: VALUE"', help='a request header')
+    parser.add_argument('-d', '--data', default='',
+                        help='request body; @FILE reads it from FILE')
+    parser.add_argument('-p', '--param', action='append', default=[],
+                        metavar='NAME=VALUE',
+                        help='set a CGI variable, e.g. SCRIPT_FILENAME=/x.php')
+    parser.add_argument('-t', '--timeout', type=_checked(_to_float),
+                        default=10.0, help='seconds (default 10)')
+    parser.add_argument('-q', '--quiet', action='store_true',
+                        help='print nothing; only the exit status tells')
+    args = parser.parse_intermixed_args(argv)
+    headers = []
+    for header in args.header:
+        name, sep, value = header.partition(':')
+        if not sep:
+            parser.error('--header %r is not "Name: value"' % header)
+        headers.append((name, value))
+    params = {}
+    for param in args.param:
+        name, sep, value = param.partition('=')
+        if not sep:
+            parser.error('--param %r is not NAME=VALUE' % param)
+        params[name] = value
+    body = args.data.encode('utf-8')
+    if args.data.startswith('@'):
+        try:
+            with open(args.data[1:], 'rb') as f:
+                body = f.read()
+        except OSError as exc:
+            parser.error('--data: %s' % exc)
+    try:
+        stdout, stderr, app_status, protocol_status = fastcgi_request(
+            args.address, args.uri, args.method.upper(), headers, body,
+            params, args.timeout)
+    except (OSError, ProtocolError) as exc:
+        if not args.quiet:
+            print('request to %s failed: %s' % (_describe(args.address), exc),
+                  file=sys.stderr)
+        return 1
+    if protocol_status != FCGI_REQUEST_COMPLETE:
+        if not args.quiet:
+            print('request refused: %s' % {
+                FCGI_CANT_MPX_CONN: 'FCGI_CANT_MPX_CONN',
+                FCGI_OVERLOADED: 'FCGI_OVERLOADED',
+                FCGI_UNKNOWN_ROLE: 'FCGI_UNKNOWN_ROLE'}.get(
+                    protocol_status, protocol_status), file=sys.stderr)
+        return 1
+    if not args.quiet:
+        sys.stdout.buffer.write(stdout)
+        sys.stdout.flush()
+        if stderr:
+            sys.stderr.buffer.write(stderr)
+    try:
+        status = response_status(stdout)
+    except (ValueError, IndexError):
+        return 1
+    return 0 if 200 <= status < 300 else 1
+
+
 def _describe(address) -> str:
+    if isinstance(address, int):
+        return 'fd://%d' % address
     if isinstance(address, tuple):
         host = address[0]
         return '[%s]:%d' % (host, address[1]) if ':' in host \

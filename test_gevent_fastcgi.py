@@ -1666,7 +1666,15 @@ class TestServer:
 
     def test_bad_address_fails_at_start(self):
         with pytest.raises(ValueError, match='address'):
+            FastCGIServer({'host': 'x'}, WSGIRequestHandler(hello_app))
+        with pytest.raises(ValueError, match='address'):
+            FastCGIServer([], WSGIRequestHandler(hello_app))
+        with pytest.raises(OSError, match='fd 12345 is not a socket'):
             FastCGIServer(12345, WSGIRequestHandler(hello_app))
+        with socket.socket() as unbound:
+            with pytest.raises(ValueError, match='not a listening'):
+                FastCGIServer(unbound.fileno(), hello_app)
+            assert unbound.fileno() >= 0     # left open for its owner
         port = free_port()
         first = FastCGIServer(('127.0.0.1', port), hello_app)
         try:
@@ -1707,6 +1715,38 @@ class TestServer:
         server.stop(timeout=0.2)
         assert time.monotonic() - t0 < 2
         assert client.is_closed()
+
+    def test_several_addresses_share_one_server(self, serve, tmp_path):
+        path = str(tmp_path / 'both.sock')
+        release = gevent.event.Event()
+
+        def app(environ, start_response):
+            release.wait(5)
+            start_response('200 OK', [])
+            return [b'ok']
+        server = serve(app, address=[('127.0.0.1', 0), path], max_reqs=1)
+        assert server.addresses[1] == path
+        tcp = Client(server.addresses[0])
+        tcp.request()
+        unix = Client(path)
+        gevent.sleep(0.05)
+        unix.request()                      # max_reqs counts both listeners
+        assert unix.response().protocol_status == FCGI_OVERLOADED
+        release.set()
+        assert tcp.response().body == b'ok'
+        unix.request(rid=2)
+        assert unix.response(2).body == b'ok'
+        server.stop(timeout=1)
+        assert not os.path.exists(path)
+
+    def test_inherited_listening_socket_by_fd(self, serve):
+        listener = socket.socket()
+        listener.bind(('127.0.0.1', 0))
+        listener.listen(8)
+        fd = os.dup(listener.fileno())
+        listener.close()
+        server = serve(hello_app, address=fd)
+        assert fetch(server).body == b'Hello, World'
 
     def test_connection_subclass_overrides_record_handlers(self, serve):
         seen = []
