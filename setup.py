@@ -21,7 +21,8 @@ setup(
         'paste': ['PasteDeploy'],
         'django': ['Django'],
         'zope': ['zope.interface'],
-        'test': ['pytest', 'hypothesis', 'zope.interface', 'PasteDeploy'],
+        'test': ['pytest', 'hypothesis', 'zope.interface', 'PasteDeploy',
+                 'pyramid', 'Django>=4.2'],
     },
     entry_points={
         'console_scripts': ['gevent-fastcgi = gevent_fastcgi:main'],

@@ -1307,6 +1307,10 @@ def e2e_app(environ, start_response):
         start_response('200 OK', [('Content-Type', 'application/json')])
         return [json.dumps({k: v for k, v in environ.items()
                             if isinstance(v, (str, bool))}).encode()]
+    if path == '/status':
+        start_response(environ['QUERY_STRING'].replace('+', ' ') or '200 OK',
+                       [('Content-Type', 'text/plain')])
+        return [b'status page']
     if path == '/pid':
         start_response('200 OK', [('Content-Type', 'text/plain')])
         return [str(os.getpid()).encode()]
@@ -2092,3 +2096,373 @@ class TestDefectsOfTheOriginal:
     # 7 (Paste runner: octal socket_mode, gevent.monkey keys, unknown keys):
     #   TestPaste.
     # 9 (stale unix socket): TestServer.test_stale_socket_file_is_replaced.
+
+
+# ---------------------------------------------------------------------------
+# 11. Django management command loader
+# ---------------------------------------------------------------------------
+
+def make_e2e_app(greeting='Hello, World'):
+    """An app factory, for APP given as module:factory()."""
+    def app(environ, start_response):
+        start_response('200 OK', [('Content-Type', 'text/plain')])
+        return [greeting.encode()]
+    return app
+
+
+class TestDjango:
+    def test_startproject_served_behind_nginx(self, tmp_path):
+        pytest.importorskip('django')
+        project = tmp_path / 'project'
+        project.mkdir()
+        subprocess.run([sys.executable, '-m', 'django', 'startproject',
+                        'mysite', str(project)], check=True)
+        settings_py = project / 'mysite' / 'settings.py'
+        text = settings_py.read_text()
+        text = text.replace("ALLOWED_HOSTS = []", "ALLOWED_HOSTS = ['*']")
+        text = text.replace("'django.contrib.staticfiles',",
+                            "'django.contrib.staticfiles',\n"
+                            "    'gevent_fastcgi',")
+        settings_py.write_text(text)
+        env = dict(os.environ, PYTHONPATH=HERE)
+        help_text = subprocess.run(
+            [sys.executable, 'manage.py', 'help'], cwd=project, env=env,
+            capture_output=True, text=True, check=True).stdout
+        assert '[gevent_fastcgi]' in help_text
+        assert 'run_gevent_fastcgi' in help_text
+        # a bad option names itself and exits 2
+        bad = subprocess.run(
+            [sys.executable, 'manage.py', 'run_gevent_fastcgi', '--workers',
+             'lots'], cwd=project, env=env, capture_output=True, text=True)
+        assert bad.returncode == 2 and '--workers' in bad.stderr
+        port = free_port()
+        proc = subprocess.Popen(
+            [sys.executable, 'manage.py', 'run_gevent_fastcgi',
+             '127.0.0.1:%d' % port, '--workers', '2'], cwd=project, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        nginx = None
+        try:
+            wait_for_port(port, proc=proc)
+            nginx = Nginx('127.0.0.1:%d' % port)
+            status, _, body = nginx.request('GET', '/admin/login/')
+            assert status == 200
+            assert b'Django' in body and b'csrfmiddlewaretoken' in body
+            status, _, _ = nginx.request('GET', '/no/such/page/')
+            assert status == 404
+            assert nginx.errors() == []
+            assert stop_process(proc) == 0
+        finally:
+            if nginx:
+                nginx.stop()
+            stop_process(proc, signal.SIGKILL)
+        log = proc.stdout.read().decode()
+        assert 'Traceback' not in log, log
+        assert 'worker' in log
+
+
+# ---------------------------------------------------------------------------
+# 13. Command line, the demo app and the built-in client
+# ---------------------------------------------------------------------------
+
+def run_cli(*args, **kwargs):
+    return subprocess.run([sys.executable, '-m', 'gevent_fastcgi'] + list(args),
+                          cwd=HERE, env=dict(os.environ, PYTHONPATH=HERE),
+                          capture_output=True, text=True, timeout=30, **kwargs)
+
+
+@pytest.fixture(scope='module')
+def server_process():
+    """Our server in a process of its own: the built-in client blocks, so it
+    cannot share this test process's hub with a server."""
+    port = free_port()
+    proc = start_server_process(['--bind', '127.0.0.1:%d' % port,
+                                 'test_gevent_fastcgi:e2e_app'], port)
+    yield ('127.0.0.1', port)
+    assert stop_process(proc) == 0
+
+
+class TestCommandLine:
+    @pytest.mark.parametrize('args, flag', [
+        (['--max-reqs', 'zero'], '--max-reqs'),
+        (['--workers', '0'], '--workers'),
+        (['--socket-mode', '999'], '--socket-mode'),
+        (['--bind', 'not an address'], '--bind'),
+        (['--role', 'watcher'], '--role'),
+        (['--handler', 'cgi'], '--handler'),
+        (['--graceful-timeout', '-1'], '--graceful-timeout'),
+        (['--monkey-patch', 'everything'], '--monkey-patch'),
+    ])
+    def test_bad_value_names_the_option(self, args, flag):
+        result = run_cli(*args)
+        assert result.returncode == 2
+        assert flag in result.stderr
+
+    def test_version_and_help(self):
+        assert run_cli('--version').stdout.strip() == (
+            'gevent_fastcgi %s' % fcgi.__version__)
+        help_text = run_cli('--help').stdout
+        for option in fcgi.SERVER_OPTIONS:
+            assert option.flag in help_text
+        for flag in ('--bind', '--handler', '--debug', '--log-level',
+                     '--chdir', '--pid', '--monkey-patch', '--access-log'):
+            assert flag in help_text
+
+    def test_app_that_cannot_load(self):
+        result = run_cli('--bind', '127.0.0.1:%d' % free_port(),
+                         'no_such_module_here:app')
+        assert result.returncode == 1
+        assert 'cannot load APP' in result.stderr
+
+    def test_address_in_use(self):
+        with socket.socket() as taken:
+            taken.bind(('127.0.0.1', 0))
+            taken.listen(1)
+            result = run_cli('--bind', '127.0.0.1:%d' % taken.getsockname()[1])
+        assert result.returncode == 1
+        assert 'cannot start' in result.stderr
+
+    def test_demo_app_through_the_builtin_client(self):
+        port = free_port()
+        proc = start_server_process(['--bind', '127.0.0.1:%d' % port], port)
+        try:
+            result = run_cli('request', '127.0.0.1:%d' % port, '/hi?there=1',
+                             '-H', 'X-Probe: yes')
+            assert result.returncode == 0, result.stderr
+            assert result.stdout.startswith('Status: 200 OK')
+            assert 'gevent_fastcgi %s works' % fcgi.__version__ in result.stdout
+            assert 'there=1' in result.stdout and 'HTTP_X_PROBE' in result.stdout
+        finally:
+            assert stop_process(proc) == 0
+
+    def test_client_exit_status(self, server_process):
+        address = '%s:%d' % server_process
+        assert run_cli('request', address, '/hello').returncode == 0
+        assert run_cli('request', '-q', address,
+                       '/status?404+Not+Found').returncode == 1
+        assert run_cli('request', address,
+                       '/status?204+No+Content').returncode == 0
+        result = run_cli('request', address, '/echo', '-X', 'POST', '-d',
+                         'payload')
+        assert result.returncode == 0 and result.stdout.endswith('payload')
+        result = run_cli('request', '127.0.0.1:%d' % free_port(), '/')
+        assert result.returncode == 1 and 'failed' in result.stderr
+
+    def test_factory_binds_pid_file_and_access_log(self, tmp_path):
+        port = free_port()
+        path = str(tmp_path / 'cli.sock')
+        pid_file = tmp_path / 'server.pid'
+        access_log = tmp_path / 'access.log'
+        proc = start_server_process([
+            '--bind', '127.0.0.1:%d' % port, '--bind', 'unix:' + path,
+            '--pid', str(pid_file), '--access-log', str(access_log),
+            '--socket-mode', '0600',
+            "test_gevent_fastcgi:make_e2e_app()"], port)
+        try:
+            assert raw_get(('127.0.0.1', port), '/a').body == b'Hello, World'
+            assert raw_get(path, '/b').body == b'Hello, World'
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+            assert pid_file.read_text().strip() == str(proc.pid)
+            assert stop_process(proc) == 0
+        finally:
+            stop_process(proc, signal.SIGKILL)
+        assert not pid_file.exists() and not os.path.exists(path)
+        lines = access_log.read_text().splitlines()
+        assert len(lines) == 2
+        import re
+        combined = re.compile(
+            r'(\S+) - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4}\] '
+            r'"GET (/\w) HTTP/1.1" 200 12 "-" "-" (\d+)$')
+        assert [combined.match(line).group(2) for line in lines] == ['/a',
+                                                                    '/b']
+
+    def test_inherited_socket_fd_and_fd0(self):
+        for how in ('fd', 'stdin'):
+            listener = socket.socket()
+            listener.bind(('127.0.0.1', 0))
+            listener.listen(8)
+            port = listener.getsockname()[1]
+            if how == 'fd':
+                proc = start_server_process(
+                    ['--bind', 'fd://%d' % listener.fileno(),
+                     'test_gevent_fastcgi:e2e_app'],
+                    pass_fds=(listener.fileno(),))
+            else:       # FCGI_LISTENSOCK_FILENO: the socket is stdin
+                proc = start_server_process(['test_gevent_fastcgi:e2e_app'],
+                                            stdin=listener.fileno())
+            listener.close()
+            try:
+                assert raw_get(('127.0.0.1', port), '/hello',
+                               timeout=10).body == b'Hello, World'
+            finally:
+                assert stop_process(proc) == 0
+
+    def test_systemd_socket_activation(self):
+        listener = socket.socket()
+        listener.bind(('127.0.0.1', 0))
+        listener.listen(8)
+        port = listener.getsockname()[1]
+        # systemd passes sockets from fd 3 on, LISTEN_PID naming the pid
+        script = ('export LISTEN_PID=$$ LISTEN_FDS=1; exec "$0" -m '
+                  'gevent_fastcgi test_gevent_fastcgi:e2e_app')
+        fd = listener.fileno()
+        proc = subprocess.Popen(['sh', '-c', script, sys.executable],
+                                cwd=HERE, env=dict(os.environ,
+                                                   PYTHONPATH=HERE),
+                                preexec_fn=lambda: os.dup2(fd, 3),
+                                pass_fds=(3,),
+                                stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        listener.close()
+        try:
+            assert raw_get(('127.0.0.1', port), '/hello',
+                           timeout=10).body == b'Hello, World'
+        finally:
+            assert stop_process(proc) == 0
+        assert b'on 127.0.0.1:%d' % port in proc.stdout.read()
+
+
+LIBFCGI_HELLO = r"""
+#include <fcgiapp.h>
+#include <stdlib.h>
+#include <string.h>
+int main(int argc, char **argv) {
+    FCGX_Request request;
+    int sock;
+    FCGX_Init();
+    sock = FCGX_OpenSocket(argv[1], 10);
+    FCGX_InitRequest(&request, sock, 0);
+    while (FCGX_Accept_r(&request) >= 0) {
+        const char *uri = FCGX_GetParam("REQUEST_URI", request.envp);
+        if (uri && strcmp(uri, "/missing") == 0)
+            FCGX_FPrintF(request.out, "Status: 404 Not Found\r\n"
+                         "Content-Type: text/plain\r\n\r\nno such page\n");
+        else
+            FCGX_FPrintF(request.out, "Content-Type: text/plain\r\n\r\n"
+                         "Hello from libfcgi\n");
+        FCGX_Finish_r(&request);
+    }
+    return 0;
+}
+"""
+
+
+class TestBuiltinClientAgainstLibfcgi:
+    def test_health_check_of_a_c_fastcgi_program(self, tmp_path):
+        cc = require('gcc')
+        if not os.path.exists('/usr/include/fcgiapp.h'):
+            if os.environ.get('CI'):
+                pytest.fail('libfcgi-dev is not installed')
+            pytest.skip('libfcgi-dev is not installed')
+        source = tmp_path / 'hello.c'
+        source.write_text(LIBFCGI_HELLO)
+        binary = tmp_path / 'hello'
+        subprocess.run([cc, '-O', '-o', str(binary), str(source), '-lfcgi'],
+                       check=True)
+        port = free_port()
+        proc = subprocess.Popen([str(binary), '127.0.0.1:%d' % port])
+        try:
+            wait_for_port(port, proc=proc)
+            ok = run_cli('request', '127.0.0.1:%d' % port, '/')
+            assert ok.returncode == 0
+            assert 'Hello from libfcgi' in ok.stdout
+            missing = run_cli('request', '127.0.0.1:%d' % port, '/missing')
+            assert missing.returncode == 1
+            assert 'no such page' in missing.stdout
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+# ---------------------------------------------------------------------------
+# PasteDeploy with a real Pyramid project under pserve, behind nginx
+# ---------------------------------------------------------------------------
+
+PYRAMID_APP = '''
+from pyramid.config import Configurator
+from pyramid.response import Response
+
+
+def hello(request):
+    return Response('Hello from Pyramid at %s' % request.path_info)
+
+
+def main(global_config, **settings):
+    with Configurator(settings=settings) as config:
+        config.add_route('hello', '/{name}')
+        config.add_view(hello, route_name='hello')
+        return config.make_wsgi_app()
+'''
+
+PYRAMID_INI = '''
+[app:main]
+use = call:pyramid_demo:main
+
+[server:main]
+use = egg:gevent_fastcgi#wsgi
+host = 127.0.0.1
+port = {port}
+num_workers = 2
+max_conns = 100
+max_reqs = 100
+access_log = {log}
+gevent.monkey.patch_time = no
+'''
+
+
+class TestPyramidUnderPserve:
+    def test_pserve_behind_nginx(self, tmp_path):
+        pytest.importorskip('pyramid')
+        pserve = shutil.which('pserve') or pytest.skip('no pserve')
+        (tmp_path / 'pyramid_demo.py').write_text(PYRAMID_APP)
+        port = free_port()
+        log = tmp_path / 'access.log'
+        ini = tmp_path / 'app.ini'
+        ini.write_text(PYRAMID_INI.format(port=port, log=log))
+        proc = subprocess.Popen([pserve, str(ini)], cwd=tmp_path,
+                                env=dict(os.environ, PYTHONPATH='%s:%s'
+                                         % (tmp_path, HERE)),
+                                stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        nginx = None
+        try:
+            wait_for_port(port, proc=proc)
+            nginx = Nginx('127.0.0.1:%d' % port)
+            status, _, body = nginx.request('GET', '/world')
+            assert (status, body) == (200, b'Hello from Pyramid at /world')
+            assert nginx.errors() == []
+            assert stop_process(proc) == 0
+        finally:
+            if nginx:
+                nginx.stop()
+            stop_process(proc, signal.SIGKILL)
+        assert '"GET /world HTTP/1.1" 200 28' in log.read_text()
+
+
+# ---------------------------------------------------------------------------
+# Vendoring: the one file, alone
+# ---------------------------------------------------------------------------
+
+class TestVendoring:
+    def test_the_file_alone_serves(self, tmp_path):
+        shutil.copy(os.path.join(HERE, 'gevent_fastcgi.py'), tmp_path)
+        (tmp_path / 'serve.py').write_text(textwrap.dedent('''
+            import os, sys, gevent, gevent.socket
+            import gevent_fastcgi as fcgi
+            assert os.path.dirname(fcgi.__file__) == sys.path[0], fcgi.__file__
+
+            def app(environ, start_response):
+                start_response('200 OK', [])
+                return [b'vendored']
+            server = fcgi.FastCGIServer(('127.0.0.1', 0),
+                                        fcgi.WSGIRequestHandler(app))
+            server.start()
+            out, err, app_status, status = gevent.get_hub().threadpool.apply(
+                fcgi.fastcgi_request, (server.address, '/'))
+            print(out.split(b'\\r\\n\\r\\n', 1)[1].decode())
+        '''))
+        env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+        result = subprocess.run([sys.executable, 'serve.py'], cwd=tmp_path,
+                                env=env, capture_output=True, text=True,
+                                timeout=30)
+        assert result.stdout.strip() == 'vendored', result.stderr
