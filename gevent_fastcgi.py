@@ -57,6 +57,7 @@ from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 import gevent
 import gevent.event
 import gevent.lock
+import gevent.os
 import gevent.pool
 import gevent.socket
 from gevent.server import StreamServer
@@ -151,6 +152,10 @@ class ConnectionClosed(FastCGIError, ConnectionAbortedError):
     It is a ConnectionAbortedError, so code that already copes with a client
     going away (wsgiref, most frameworks) copes with this too.
     """
+
+
+class RequestTimeout(gevent.Timeout):
+    """Raised inside a request's greenlet that ran past request_timeout."""
 
 
 class RequestAborted(gevent.GreenletExit):
@@ -577,6 +582,16 @@ class OutputStream:
         self._pending = 0
         return encode_records(self.record_type, self._request.id, data)
 
+    def discard_unsent(self) -> bool:
+        """Drop what was written, if none of it has been sent yet, so that
+        an error response can take its place; False when too late."""
+        if self.bytes_written != self._pending:
+            return False
+        self._chunks = []
+        self._pending = 0
+        self.bytes_written = 0
+        return True
+
     def writable(self) -> bool:
         return True
 
@@ -652,6 +667,9 @@ class Request:
             self.environ.get('REQUEST_URI', self.environ.get('PATH_INFO', '-')))
 
 
+_MSG_MORE = getattr(_stdlib_socket, 'MSG_MORE', 0)
+
+
 class Connection:
     """Serves one transport connection from the web server.
 
@@ -682,6 +700,8 @@ class Connection:
         self.closing = False            # our side is shut, waiting for theirs
         self._send_lock = gevent.lock.Semaphore()
         self._linger_timer = None
+        self._drain_timer = None
+        self.last_active = time.monotonic()     # when a request last ended
         self.record_handlers = {
             record_type: getattr(self, name)
             for record_type, name in self.record_handler_names.items()}
@@ -842,19 +862,35 @@ class Connection:
         request with whatever it left in its streams."""
         request.started = True
         app_status = 0
-        started = time.time() if self.server.access_log else None
+        server = self.server
+        started = time.time() if server.access_log else None
+        timeout = (RequestTimeout(server.request_timeout)
+                   if server.request_timeout else None)
         try:
-            result = self.server.request_handler(request)
+            if timeout is not None:
+                timeout.start()
+            result = server.request_handler(request)
             if type(result) is int:
                 app_status = result
         except (RequestAborted, ConnectionClosed):
             return          # the request was ended by whoever stopped it
+        except RequestTimeout:
+            logger.error('%s: %r cancelled after request_timeout (%gs)',
+                         self, request, server.request_timeout)
+            app_status = 1
+            if not request.ended and request.stdout.discard_unsent():
+                request.stdout.write(TIMEOUT_RESPONSE)
+                request.status = '504'
         except Exception:
             logger.exception('%s: request handler failed on %r',
                              self, request)
             app_status = 1
-            if request.stdout.bytes_written == 0 and not request.ended:
+            if not request.ended and request.stdout.discard_unsent():
                 request.stdout.write(ERROR_RESPONSE)
+                request.status = '500'
+        finally:
+            if timeout is not None:
+                timeout.close()
         if not request.ended:
             output = (request.stdout.take_records()
                       + encode_records(FCGI_STDOUT, request.id))
@@ -892,22 +928,34 @@ class Connection:
         if request.ended:
             return
         self._forget(request)
+        server = self.server
+        server.requests_served += 1
+        if server.requests_served == server.retire_after:
+            logger.info('worker %d: retiring after %d requests (max_requests)',
+                        os.getpid(), server.requests_served)
+            server._stop_event.set()
+        last = not request.keep_conn or (server.stopping
+                                         and not self.requests)
         self.send(output + encode_end_request(request.id, app_status,
-                                              protocol_status))
-        if not request.keep_conn:
+                                              protocol_status), more=last)
+        self.last_active = time.monotonic()
+        if last:
             self.close_write()
-        elif self.server.stopping and not self.requests:
-            self.close()
 
     # -- writing and closing ------------------------------------------------
 
-    def send(self, data: bytes) -> None:
-        """Send bytes whole; requests of one connection take turns."""
+    def send(self, data: bytes, more: bool = False) -> None:
+        """Send bytes whole; requests of one connection take turns.
+        ``more``: our FIN follows at once; MSG_MORE holds the last segment
+        back so that the FIN rides on it, and the web server learns that
+        the connection closes together with the END_REQUEST, not after it
+        has put the connection back in its pool."""
         if self.closed:
             raise ConnectionClosed('connection to the web server is closed')
+        flags = _MSG_MORE if more and self.peer else 0
         try:
             with self._send_lock:
-                self.socket.sendall(data)
+                self.socket.sendall(data, flags)
         except OSError as exc:
             if not self.closed:
                 logger.info('%s: connection lost while sending: %s',
@@ -937,8 +985,9 @@ class Connection:
         if self.closed:
             return
         self.closed = True
-        if self._linger_timer is not None:
-            self._linger_timer.close()
+        for timer in (self._linger_timer, self._drain_timer):
+            if timer is not None:
+                timer.close()
         current = gevent.getcurrent()
         for request in list(self.requests.values()):
             self._forget(request)
@@ -947,11 +996,26 @@ class Connection:
         self.socket.close()
         self.server.connections.discard(self)
 
-    def close_when_idle(self) -> None:
-        """For a stopping server: close now if no request is active, else
-        once the last one ends."""
-        if not self.requests:
-            self.close()
+    def close_when_idle(self, idle_time: float = 0.0) -> None:
+        """For a stopping server.  A web server owns a kept-open connection
+        and may send a request on it at any moment, so closing one races
+        with its next request.  Two moments make that race unlikely: right
+        after a request's END_REQUEST (the web server has not reused the
+        connection yet), and after ``idle_time`` without a request (nginx
+        reuses its most recently used connections first).  Requests that
+        arrive meanwhile are served.  We half-close, so that a request sent
+        in the race meets an orderly end of stream (nginx retries it when it
+        may) rather than a reset."""
+        if self.requests or self.closing or self.closed:
+            return          # end_request closes it after the last one
+        remaining = self.last_active + idle_time - time.monotonic()
+        if remaining <= 0:
+            self.close_write()
+            return
+        if self._drain_timer is not None:
+            self._drain_timer.close()
+        self._drain_timer = gevent.get_hub().loop.timer(remaining)
+        self._drain_timer.start(self.close_when_idle, idle_time)
 
 
 access_logger = logging.getLogger('gevent_fastcgi.access')
@@ -1013,6 +1077,11 @@ def configure_access_log(target) -> bool:
 # for those who prefer its behaviour to ours.
 
 ERROR_BODY = b'Internal Server Error\n'
+TIMEOUT_BODY = b'Gateway Timeout: the application took too long\n'
+TIMEOUT_RESPONSE = (b'Status: 504 Gateway Timeout\r\n'
+                    b'Content-Type: text/plain; charset=utf-8\r\n'
+                    b'Content-Length: %d\r\n\r\n' % len(TIMEOUT_BODY)
+                    + TIMEOUT_BODY)
 ERROR_RESPONSE = (b'Status: 500 Internal Server Error\r\n'
                   b'Content-Type: text/plain; charset=utf-8\r\n'
                   b'Content-Length: %d\r\n\r\n' % len(ERROR_BODY) + ERROR_BODY)
@@ -1265,7 +1334,7 @@ class WSGIResponse:
         request = self.request
         logger.error('%s: application failed on %r', request.connection,
                      request, exc_info=exc_info)
-        if self.headers_sent:
+        if not self.stdout.discard_unsent():
             return      # too late for an error page; the response is cut
         if debug:
             body = ''.join(traceback.format_exception(*exc_info)).encode(
@@ -1275,8 +1344,6 @@ class WSGIResponse:
                         b'Content-Length: %d\r\n\r\n' % len(body) + body)
         else:
             response = ERROR_RESPONSE
-        self.stdout._chunks = []        # drop headers gathered, not sent
-        self.stdout._pending = 0
         self.stdout.write(response)
         request.status = '500'
         request.body_size = len(response) - response.index(b'\r\n\r\n') - 4
@@ -1468,6 +1535,56 @@ def inherited_listener(fd: int):
     return sock
 
 
+def _web_server_addrs():
+    """FCGI_WEB_SERVER_ADDRS (section 3.2): the peers allowed to connect,
+    or None when it is not set."""
+    import ipaddress
+    text = os.environ.get('FCGI_WEB_SERVER_ADDRS')
+    if text is None:
+        return None
+    allowed = set()
+    for item in text.split(','):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            allowed.add(ipaddress.ip_address(item))
+        except ValueError:
+            raise ValueError('FCGI_WEB_SERVER_ADDRS: %r is not an IP address'
+                             % item) from None
+    return allowed
+
+
+def _peer_allowed(address, allowed) -> bool:
+    # A connection that is not TCP/IP fails the check (section 3.2).
+    import ipaddress
+    if not isinstance(address, tuple) or not address:
+        return False
+    try:
+        peer = ipaddress.ip_address(address[0].split('%')[0])
+    except ValueError:
+        return False
+    if peer.version == 6 and peer.ipv4_mapped is not None:
+        peer = peer.ipv4_mapped
+    return peer in allowed
+
+
+def _chown(path: str, owner: str) -> None:
+    """socket_owner 'user', 'user:group' or ':group' (names or ids)."""
+    import grp
+    import pwd
+    user, _, group = owner.partition(':')
+    try:
+        uid = -1 if not user else (int(user) if user.isdigit()
+                                   else pwd.getpwnam(user).pw_uid)
+        gid = -1 if not group else (int(group) if group.isdigit()
+                                    else grp.getgrnam(group).gr_gid)
+    except KeyError as exc:
+        raise ValueError('socket_owner %r: no such user or group: %s'
+                         % (owner, exc)) from None
+    os.chown(path, uid, gid)
+
+
 class FastCGIServer(StreamServer):
     """A FastCGI server: accepts connections from web servers and runs
     ``request_handler(request)`` for each request.
@@ -1491,6 +1608,16 @@ class FastCGIServer(StreamServer):
     max_params_size, max_params   limits of one request's FCGI_PARAMS,
                    beyond which it is answered 431
     stop_timeout   seconds a stopping server waits for requests in flight
+    max_requests, max_requests_jitter   a worker retires gracefully after
+                   max_requests + randint(0, jitter) requests (0: never)
+    request_timeout  seconds a request may run before it is cancelled and
+                   answered 504 (None: no limit)
+    worker_timeout   seconds a worker's event loop may be blocked before the
+                   master kills and replaces it (None: no limit)
+    socket_owner   'user', 'user:group' or ':group' of a unix socket
+    master         True: a master process supervises the worker(s) even
+                   when there is one; False: never; None (default): when
+                   num_workers > 1, max_requests or worker_timeout ask for it
     access_log     None (off), '-' (stdout), a file path, or True (records go
                    to the 'gevent_fastcgi.access' logger only)
 
@@ -1501,6 +1628,9 @@ class FastCGIServer(StreamServer):
     connection_class = Connection
     #: seconds stop() waits for requests in flight before cancelling them
     stop_timeout = 30.0
+    #: a stopping server closes a kept-open idle connection once it has been
+    #: idle this long (Connection.close_when_idle says why)
+    drain_idle_time = 0.5
 
     def __init__(self, address, request_handler, role=FCGI_RESPONDER,
                  num_workers: int = 1, max_conns: int = 1024,
@@ -1510,11 +1640,21 @@ class FastCGIServer(StreamServer):
                  max_params_size: int = 1024 * 1024,
                  max_params: int = 10000,
                  stop_timeout: Optional[float] = None,
-                 access_log=None) -> None:
+                 access_log=None,
+                 max_requests: int = 0, max_requests_jitter: int = 0,
+                 request_timeout: Optional[float] = None,
+                 worker_timeout: Optional[float] = None,
+                 socket_owner: Optional[str] = None,
+                 master: Optional[bool] = None) -> None:
         if not callable(request_handler):
             raise TypeError('request_handler %r is not callable'
                             % (request_handler,))
+        if num_workers == 'auto':
+            num_workers = len(os.sched_getaffinity(0))
         for name, value, least in (('num_workers', num_workers, 1),
+                                   ('max_requests', max_requests, 0),
+                                   ('max_requests_jitter',
+                                    max_requests_jitter, 0),
                                    ('max_conns', max_conns, 1),
                                    ('max_reqs', max_reqs, 1),
                                    ('spool_size', spool_size, 0),
@@ -1533,11 +1673,30 @@ class FastCGIServer(StreamServer):
         self.max_conns = max_conns
         self.max_reqs = max_reqs
         self.socket_mode = socket_mode
+        self.socket_owner = socket_owner
         self.spool_size = spool_size
         self.max_params_size = max_params_size
         self.max_params = max_params
         if stop_timeout is not None:
             self.stop_timeout = stop_timeout
+        for name, value in (('request_timeout', request_timeout),
+                            ('worker_timeout', worker_timeout)):
+            if value is not None and not (isinstance(value, (int, float))
+                                          and value > 0):
+                raise ValueError('%s must be a positive number of seconds, '
+                                 'not %r' % (name, value))
+        self.master = master
+        self.max_requests = max_requests
+        self.max_requests_jitter = max_requests_jitter
+        self.request_timeout = request_timeout
+        self.worker_timeout = worker_timeout
+        self.requests_served = 0
+        self.retire_after = 0           # set in each worker (max_requests)
+        if max_requests:
+            import random
+            self.retire_after = max_requests + random.randint(
+                0, max_requests_jitter)
+        self.web_server_addrs = _web_server_addrs()
         self.access_log = configure_access_log(access_log)
         self.active_requests = 0
         self.stopping = False
@@ -1580,6 +1739,8 @@ class FastCGIServer(StreamServer):
         listener = create_listener(address, backlog, socket_mode)
         if listener.family == _stdlib_socket.AF_UNIX:
             self.unix_paths.append(os.fsdecode(address))
+            if self.socket_owner:
+                _chown(os.fsdecode(address), self.socket_owner)
         return listener
 
     def start(self) -> None:
@@ -1593,6 +1754,12 @@ class FastCGIServer(StreamServer):
         StreamServer.close(self)
 
     def handle(self, sock, address) -> None:
+        if self.web_server_addrs is not None and not _peer_allowed(
+                address, self.web_server_addrs):
+            logger.warning('connection from %s refused: not in '
+                           'FCGI_WEB_SERVER_ADDRS', address or 'a unix socket')
+            sock.close()
+            return
         connection = self.connection_class(self, sock, address)
         self.connections.add(connection)
         connection.run()
@@ -1603,7 +1770,7 @@ class FastCGIServer(StreamServer):
         stop_timeout) is cancelled."""
         self.stopping = True
         for connection in list(self.connections):
-            connection.close_when_idle()
+            connection.close_when_idle(self.drain_idle_time)
         try:
             StreamServer.stop(self, timeout)
         finally:
@@ -1620,13 +1787,25 @@ class FastCGIServer(StreamServer):
                     pass
             self.unix_paths = []
 
-    def serve_forever(self, stop_timeout=None) -> None:
-        """Serve until stopped.  In the main thread, SIGTERM and SIGINT stop
-        gracefully (requests in flight finish, up to stop_timeout) and
-        SIGQUIT stops at once."""
-        if self.num_workers > 1:
-            Arbiter(self).run()
-            return
+    @property
+    def uses_master(self) -> bool:
+        """Worker processes under a master: when asked (master=True), for
+        several workers, and for what needs someone to replace a worker
+        (max_requests, worker_timeout)."""
+        if self.master is not None:
+            return self.master
+        return bool(self.num_workers > 1 or self.max_requests
+                    or self.worker_timeout)
+
+    def serve_forever(self, stop_timeout=None) -> int:
+        """Serve until stopped; return the exit status (0, or
+        WORKER_BOOT_ERROR when workers could not load the application).
+        In the main thread, SIGTERM and SIGINT stop gracefully (requests in
+        flight finish, up to stop_timeout) and SIGQUIT stops at once."""
+        if self.uses_master:
+            return Arbiter(self).run()
+        if isinstance(self.request_handler, AppLoader):
+            self.request_handler = self.request_handler.load()
         handlers = []
         if threading.current_thread() is threading.main_thread():
             handlers = [
@@ -1638,6 +1817,7 @@ class FastCGIServer(StreamServer):
         finally:
             for handler in handlers:
                 handler.cancel()
+        return 0
 
     def _stop_at_once(self) -> None:
         self.stop_timeout = 0
@@ -1650,46 +1830,108 @@ class FastCGIServer(StreamServer):
 #
 # After gunicorn's arbiter: the master binds once, forks the workers, and then
 # only watches them.  Signal handlers only queue the signal and wake the main
-# loop, which handles it by name (handle_term, ...).  The master runs no
-# greenlet: it waits in select() on a pipe that signals write to.
+# loop, which handles it by name (handle_term, handle_hup, ...).  The master
+# runs no greenlet: it waits in select() on a pipe that signals write to, so a
+# dead worker is replaced at once, not on a poll.
+#
+# An application given as an import string (AppLoader) is imported by each
+# worker, never by the master: the fresh workers of a reload import fresh
+# code.  A worker that cannot load it exits with WORKER_BOOT_ERROR and the
+# master stops with that status instead of respawning it forever.
+#
+# Each worker touches a heartbeat file from its event loop; a worker whose
+# loop is blocked (CPU-bound application code) past worker_timeout stops
+# touching it and is killed.
+
+WORKER_BOOT_ERROR = 3
+
+
+class AppLoader:
+    """A request handler made, in each worker, from an import string."""
+
+    def __init__(self, spec: str, handler: str = 'wsgi',
+                 debug: bool = False) -> None:
+        self.spec = spec
+        self.handler = handler
+        self.debug = debug
+
+    def load(self):
+        return make_handler(self.handler, load_app(self.spec), self.debug)
+
+    def __call__(self, request):
+        raise RuntimeError('AppLoader(%r) was not loaded' % self.spec)
+
+    def __repr__(self) -> str:
+        return self.spec
+
+
+class Worker:
+    """The master's record of one worker process."""
+
+    def __init__(self, pid: int, generation: int, heartbeat) -> None:
+        self.pid = pid
+        self.generation = generation
+        self.heartbeat = heartbeat      # temporary file the worker touches
+        self.started = time.monotonic()
+        self.retiring = False           # sent SIGTERM
+
+    def last_beat(self) -> float:
+        """Seconds since the epoch of the last heartbeat; 0 before boot."""
+        return os.fstat(self.heartbeat.fileno()).st_mtime
+
 
 class Arbiter:
-    """Runs ``server`` in ``server.num_workers`` forked processes."""
+    """Runs ``server`` in ``server.num_workers`` forked processes.
 
-    SIGNALS = ('SIGTERM', 'SIGINT', 'SIGQUIT', 'SIGCHLD')
+    SIGTERM, SIGINT: graceful stop.  SIGQUIT: stop at once.  SIGHUP: start a
+    new generation of workers, then stop the old one gracefully.  SIGTTIN,
+    SIGTTOU: one worker more, one fewer.
+    """
 
-    def __init__(self, server: FastCGIServer) -> None:
+    SIGNALS = ('SIGTERM', 'SIGINT', 'SIGQUIT', 'SIGHUP', 'SIGTTIN',
+               'SIGTTOU', 'SIGCHLD')
+
+    def __init__(self, server: 'FastCGIServer') -> None:
         self.server = server
-        self.workers: Dict[int, float] = {}     # pid -> start time
+        self.num_workers = server.num_workers
+        self.workers: Dict[int, Worker] = {}
+        self.generation = 0
         self.signal_queue: List[int] = []
         self.running = False
+        self.exit_status = 0
         self._wake_r = self._wake_w = None
 
-    def run(self) -> None:
+    # -- the master's loop ----------------------------------------------------
+
+    def run(self) -> int:
         import select
         self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
         for name in self.SIGNALS:
             signal.signal(getattr(signal, name), self._queue_signal)
         self.running = True
-        logger.info('master %d serving %s with %d workers', os.getpid(),
-                    self.server.address, self.server.num_workers)
+        logger.info('master %d: serving %s with %d workers', os.getpid(),
+                    ', '.join(_describe(a) for a in self.server.addresses),
+                    self.num_workers)
         try:
             self.spawn_workers()
             while self.running:
-                while self.signal_queue:
+                while self.signal_queue and self.running:
                     signum = self.signal_queue.pop(0)
-                    name = signal.Signals(signum).name.lower()
-                    getattr(self, 'handle_' + name[3:])()
-                if self.running:
-                    self.reap_workers()
-                    self.spawn_workers()
-                    try:
-                        select.select([self._wake_r], [], [], 1.0)
-                        os.read(self._wake_r, 4096)
-                    except (InterruptedError, BlockingIOError):
-                        pass
+                    name = signal.Signals(signum).name
+                    getattr(self, 'handle_' + name[3:].lower())()
+                if not self.running:
+                    break
+                self.reap_workers()
+                self.check_heartbeats()
+                self.finish_reload()
+                self.spawn_workers()
+                try:
+                    select.select([self._wake_r], [], [], 1.0)
+                    os.read(self._wake_r, 4096)
+                except (InterruptedError, BlockingIOError):
+                    pass
         finally:
             for name in self.SIGNALS:
                 signal.signal(getattr(signal, name), signal.SIG_DFL)
@@ -1697,6 +1939,8 @@ class Arbiter:
             os.close(self._wake_w)
             self.server.close()
             self.server._remove_unix_sockets()
+        logger.info('master %d: stopped', os.getpid())
+        return self.exit_status
 
     def _queue_signal(self, signum, frame) -> None:
         self.signal_queue.append(signum)
@@ -1705,57 +1949,189 @@ class Arbiter:
         except OSError:
             pass
 
+    # -- signals --------------------------------------------------------------
+
     def handle_chld(self) -> None:
         self.reap_workers()
 
     def handle_term(self) -> None:
+        logger.info('master %d: graceful stop', os.getpid())
         self.stop(graceful=True)
 
     handle_int = handle_term
 
     def handle_quit(self) -> None:
+        logger.info('master %d: immediate stop', os.getpid())
         self.stop(graceful=False)
+
+    def handle_hup(self) -> None:
+        self.generation += 1
+        logger.info('master %d: reloading: starting worker generation %d',
+                    os.getpid(), self.generation)
+
+    def handle_ttin(self) -> None:
+        self.num_workers += 1
+        logger.info('master %d: %d workers', os.getpid(), self.num_workers)
+
+    def handle_ttou(self) -> None:
+        if self.num_workers > 1:
+            self.num_workers -= 1
+            logger.info('master %d: %d workers', os.getpid(),
+                        self.num_workers)
+
+    # -- workers --------------------------------------------------------------
+
+    def current(self) -> List[Worker]:
+        return [w for w in self.workers.values()
+                if w.generation == self.generation and not w.retiring]
+
+    def spawn_workers(self) -> None:
+        current = self.current()
+        while self.running and len(current) < self.num_workers:
+            current.append(self.spawn_worker())
+        # TTOU: the oldest of the current generation go first
+        for worker in sorted(current, key=lambda w: w.started)[
+                :max(0, len(current) - self.num_workers)]:
+            self.retire(worker, 'there are more workers than wanted')
+
+    def spawn_worker(self) -> Worker:
+        heartbeat = tempfile.TemporaryFile(prefix='gevent-fastcgi-')
+        os.utime(heartbeat.fileno(), (0, 0))
+        # Not gevent.fork(): it starts a libev child watcher, and libev then
+        # takes SIGCHLD from us, so a dead worker would wait for a poll.
+        pid = gevent.os.fork_gevent()
+        if pid == 0:
+            self._run_worker(heartbeat)     # never returns
+        worker = Worker(pid, self.generation, heartbeat)
+        self.workers[pid] = worker
+        logger.info('worker %d started (generation %d)', pid, self.generation)
+        return worker
+
+    def retire(self, worker: Worker, why: str) -> None:
+        if worker.retiring:
+            return
+        worker.retiring = True
+        logger.info('worker %d: stopping gracefully: %s', worker.pid, why)
+        self.kill(worker.pid, signal.SIGTERM)
+
+    def finish_reload(self) -> None:
+        """Once the new generation has booted, the old ones drain."""
+        current = self.current()
+        if (len(current) < self.num_workers
+                or not all(w.last_beat() > 0 for w in current)):
+            return
+        for worker in list(self.workers.values()):
+            if worker.generation < self.generation:
+                self.retire(worker, 'replaced by generation %d'
+                            % self.generation)
 
     def reap_workers(self) -> None:
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                self.workers.clear()
                 return
             if not pid:
                 return
-            if pid in self.workers:
-                del self.workers[pid]
-                if os.WIFSIGNALED(status):
-                    logger.warning('worker %d killed by signal %d', pid,
-                                   os.WTERMSIG(status))
-                elif os.WEXITSTATUS(status):
-                    logger.warning('worker %d exited with status %d', pid,
-                                   os.WEXITSTATUS(status))
-                else:
-                    logger.info('worker %d exited', pid)
+            worker = self.workers.pop(pid, None)
+            if worker is None:
+                continue
+            worker.heartbeat.close()
+            if os.WIFSIGNALED(status):
+                logger.warning('worker %d killed by signal %s', pid,
+                               signal.Signals(os.WTERMSIG(status)).name)
+            elif os.WEXITSTATUS(status) == WORKER_BOOT_ERROR:
+                self.boot_failed(worker)
+            elif os.WEXITSTATUS(status):
+                logger.warning('worker %d exited with status %d', pid,
+                               os.WEXITSTATUS(status))
+            else:
+                logger.info('worker %d exited', pid)
 
-    def spawn_workers(self) -> None:
-        while self.running and len(self.workers) < self.server.num_workers:
-            pid = gevent.fork()
-            if pid == 0:
-                self._run_worker()      # never returns
-            logger.info('worker %d started', pid)
-            self.workers[pid] = time.monotonic()
+    def boot_failed(self, worker: Worker) -> None:
+        older = [w for w in self.workers.values()
+                 if w.generation < worker.generation]
+        if older:
+            # A reload whose new code cannot start: keep the old workers
+            # (they are retired only once every new one has booted).
+            logger.error('worker %d failed to boot: reload abandoned, the '
+                         'previous workers keep serving', worker.pid)
+            for other in self.workers.values():
+                if other.generation >= worker.generation:
+                    other.retiring = True
+                    self.kill(other.pid, signal.SIGKILL)
+            self.generation = max(w.generation for w in older)
+            return
+        logger.error('worker %d failed to boot (see the error above): '
+                     'stopping', worker.pid)
+        self.exit_status = WORKER_BOOT_ERROR
+        self.stop(graceful=False)
 
-    def _run_worker(self) -> None:
+    def check_heartbeats(self) -> None:
+        timeout = self.server.worker_timeout
+        if not timeout:
+            return
+        now = time.time()
+        for worker in list(self.workers.values()):
+            beat = worker.last_beat()
+            if beat and now - beat > timeout:
+                logger.error('worker %d: event loop blocked for more than %gs '
+                             '(worker_timeout): killed', worker.pid, timeout)
+                self.kill(worker.pid, signal.SIGKILL)
+
+    @staticmethod
+    def kill(pid: int, sig: int) -> None:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, graceful: bool = True) -> None:
+        self.running = False
+        for worker in self.workers.values():
+            self.kill(worker.pid, signal.SIGTERM if graceful
+                      else signal.SIGQUIT)
+        deadline = time.monotonic() + (self.server.stop_timeout + 2
+                                       if graceful else 3)
+        while self.workers and time.monotonic() < deadline:
+            self.reap_workers()
+            time.sleep(0.02)
+        for worker in list(self.workers.values()):
+            logger.warning('worker %d did not stop in time: killed',
+                           worker.pid)
+            self.kill(worker.pid, signal.SIGKILL)
+        while self.workers:
+            self.reap_workers()
+            time.sleep(0.01)
+
+    # -- inside a worker ------------------------------------------------------
+
+    def _run_worker(self, heartbeat) -> None:
         status = 0
         try:
             for name in self.SIGNALS:
                 signal.signal(getattr(signal, name), signal.SIG_DFL)
             os.close(self._wake_r)
             os.close(self._wake_w)
+            for other in self.workers.values():
+                other.heartbeat.close()
             server = self.server
+            if isinstance(server.request_handler, AppLoader):
+                try:
+                    server.request_handler = server.request_handler.load()
+                except Exception:
+                    logger.exception('worker %d: cannot load the application',
+                                     os.getpid())
+                    status = WORKER_BOOT_ERROR
+                    return
             server.start()
+            beat = _heartbeat(heartbeat.fileno(), server.worker_timeout)
             gevent.signal_handler(signal.SIGTERM, server._stop_event.set)
             gevent.signal_handler(signal.SIGINT, server._stop_event.set)
+            gevent.signal_handler(signal.SIGQUIT, server._stop_at_once)
+            gevent.signal_handler(signal.SIGHUP, lambda: None)
             server._stop_event.wait()
+            beat.close()
             server.stop()
         except BaseException:
             logger.exception('worker %d failed', os.getpid())
@@ -1764,28 +2140,14 @@ class Arbiter:
             logging.shutdown()
             os._exit(status)
 
-    def stop(self, graceful: bool = True) -> None:
-        self.running = False
-        sig = signal.SIGTERM if graceful else signal.SIGKILL
-        for pid in list(self.workers):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + self.server.stop_timeout + 1
-        while self.workers and time.monotonic() < deadline:
-            self.reap_workers()
-            time.sleep(0.05)
-        for pid in list(self.workers):
-            logger.warning('worker %d did not stop in time: killed', pid)
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        while self.workers:
-            self.reap_workers()
-            time.sleep(0.01)
-        logger.info('master %d stopped', os.getpid())
+
+def _heartbeat(fd: int, worker_timeout: Optional[float]):
+    """Touch ``fd`` now and then from the event loop (a timer, no greenlet)."""
+    os.utime(fd)
+    interval = min(1.0, worker_timeout / 4.0) if worker_timeout else 1.0
+    timer = gevent.get_hub().loop.timer(interval, interval)
+    timer.start(os.utime, fd)
+    return timer
 
 
 # ---------------------------------------------------------------------------
@@ -1864,9 +2226,24 @@ class Option(NamedTuple):
     help: str
 
 
+def _to_workers(text):
+    if str(text).strip().lower() == 'auto':
+        return 'auto'
+    return _to_int(1)(text)
+
+
+def _to_seconds(text) -> float:
+    value = _to_float(text)
+    if value <= 0:
+        raise ValueError('%r is not a positive number of seconds' % (text,))
+    return value
+
+
 SERVER_OPTIONS = [
-    Option('num_workers', '--workers', _to_int(1),
-           'worker processes (default 1: the server process serves)'),
+    Option('num_workers', '--workers', _to_workers,
+           'worker processes under a master process, or auto: one per CPU '
+           'this process may run on (default: no master, the server '
+           'process serves)'),
     Option('max_conns', '--max-conns', _to_int(1),
            'connections served at once by a process; more wait in the '
            'listen backlog (default 1024)'),
@@ -1891,6 +2268,20 @@ SERVER_OPTIONS = [
     Option('stop_timeout', '--graceful-timeout', _to_float,
            'seconds a stopping server waits for requests in flight '
            '(default 30)'),
+    Option('max_requests', '--max-requests', _to_int(0),
+           'a worker retires gracefully after this many requests, plus a '
+           'random 0..max_requests_jitter (default 0: never)'),
+    Option('max_requests_jitter', '--max-requests-jitter', _to_int(0),
+           'see --max-requests (default 0)'),
+    Option('request_timeout', '--request-timeout', _to_seconds,
+           'seconds a request may run; then it is cancelled and answered '
+           '504 (default: no limit)'),
+    Option('worker_timeout', '--timeout', _to_seconds,
+           'seconds a worker\'s event loop may stay blocked (CPU-bound '
+           'code) before the master kills and replaces it (default: no '
+           'limit)'),
+    Option('socket_owner', '--socket-owner', str,
+           'owner of a unix socket: user, user:group or :group'),
     Option('access_log', '--access-log', str,
            'access log, combined format plus the duration in microseconds: '
            'a file, or - for stdout (default: none)'),
@@ -1962,18 +2353,20 @@ def remove_pid_file(path: str) -> None:
 
 
 def run_server(app, address, handler: str = 'wsgi', debug: bool = False,
-               pid_file: Optional[str] = None, **options) -> None:
+               pid_file: Optional[str] = None, **options) -> int:
     """What the command line, the Paste runners and the Django command all
     do: make the server (binding at once), write the pid file, serve until
-    stopped."""
-    server = FastCGIServer(address, make_handler(handler, app, debug),
-                           **options)
+    stopped; return the exit status.  ``app`` may be an AppLoader, which
+    each worker loads."""
+    request_handler = (app if isinstance(app, AppLoader)
+                       else make_handler(handler, app, debug))
+    server = FastCGIServer(address, request_handler, **options)
     logger.info('gevent_fastcgi %s serving %r on %s', __version__, app,
                 ', '.join(_describe(a) for a in server.addresses))
     if pid_file:
         write_pid_file(pid_file)
     try:
-        server.serve_forever()
+        return server.serve_forever()
     finally:
         if pid_file:
             remove_pid_file(pid_file)
@@ -2085,10 +2478,15 @@ def _django_command_class():
             if not logging.getLogger().handlers:
                 logging.basicConfig(format=LOG_FORMAT)
             logger.setLevel(getattr(logging, opts['log_level'].upper()))
-            run_server(get_internal_wsgi_application(),
-                       opts['address'] or [('127.0.0.1', 9000)],
-                       opts['handler'], opts['debug'], opts['pid_file'],
-                       **server_options(opts))
+            options = server_options(opts)
+            if opts.get('num_workers') is not None:
+                options['master'] = True
+            status = run_server(get_internal_wsgi_application(),
+                                opts['address'] or [('127.0.0.1', 9000)],
+                                opts['handler'], opts['debug'],
+                                opts['pid_file'], **options)
+            if status:
+                sys.exit(status)
 
     return Command
 
@@ -2276,7 +2674,10 @@ def add_server_arguments(parser, django: bool = False) -> None:
                              "standard library's; fastcgi: APP is a request "
                              'handler taking a Request')
     for option in SERVER_OPTIONS:
-        parser.add_argument(option.flag, dest=option.name,
+        flags = [option.flag]
+        if option.name == 'worker_timeout':
+            flags.append('--worker-timeout')
+        parser.add_argument(*flags, dest=option.name,
                             metavar=option.flag[2:].upper().replace('-', '_'),
                             type=_checked(option.convert), help=option.help)
     parser.add_argument('--pid', dest='pid_file', metavar='FILE',
@@ -2369,7 +2770,16 @@ def main(argv=None) -> int:
             parser.error('--chdir: %s' % exc)
     if args.chdir or args.app:
         sys.path.insert(0, os.getcwd())
-    if args.app:
+    options = server_options(vars(args))
+    if args.num_workers is not None:
+        options['master'] = True        # --workers, even 1: supervised
+    if args.app and (options.get('master')
+                     or options.get('max_requests')
+                     or options.get('worker_timeout')):
+        # Workers import APP, the master never does: a reload's fresh
+        # workers then import fresh code.
+        app = AppLoader(args.app, args.handler, args.debug)
+    elif args.app:
         try:
             app = load_app(args.app)
         except Exception as exc:
@@ -2382,12 +2792,11 @@ def main(argv=None) -> int:
         app = demo_app
     address = args.bind or inherited_addresses() or [('127.0.0.1', 9000)]
     try:
-        run_server(app, address, args.handler, args.debug, args.pid_file,
-                   **server_options(vars(args)))
+        return run_server(app, address, args.handler, args.debug,
+                          args.pid_file, **options)
     except (OSError, ValueError, TypeError) as exc:
         logger.error('cannot start: %s', exc)
         return 1
-    return 0
 
 
 # -- the built-in FastCGI client ----------------------------------------------

@@ -911,9 +911,9 @@ class TestConnection:
         sends = []
         original = fcgi.Connection.send
 
-        def counting_send(self, data):
+        def counting_send(self, data, more=False):
             sends.append(data)
-            return original(self, data)
+            return original(self, data, more)
         monkeypatch.setattr(fcgi.Connection, 'send', counting_send)
         server = serve(hello_app)
         client = Client(server.address)
@@ -1314,6 +1314,10 @@ def e2e_app(environ, start_response):
     if path == '/pid':
         start_response('200 OK', [('Content-Type', 'text/plain')])
         return [str(os.getpid()).encode()]
+    if path == '/block':              # CPU-bound code: the loop stalls
+        time.sleep(float(environ['QUERY_STRING']))
+        start_response('200 OK', [('Content-Type', 'text/plain')])
+        return [b'blocked']
     if path == '/sleep':
         gevent.sleep(float(environ['QUERY_STRING'] or 0.5))
         start_response('200 OK', [('Content-Type', 'text/plain')])
@@ -1699,11 +1703,21 @@ class TestServer:
         idle.request(rid=1)
         idle.response()                   # now an idle kept-open connection
         gevent.sleep(0.05)
+
+        def web_server(client):
+            # reads its response, and closes when we half-close, as nginx does
+            response = client.response() if client is busy else None
+            closed = client.is_closed()
+            client.close()
+            return response, closed
+        readers = [gevent.spawn(web_server, c) for c in (busy, idle)]
         t0 = time.monotonic()
         server.stop(timeout=5)
         assert time.monotonic() - t0 < 2
-        assert busy.response().body == b'finished'
-        assert idle.is_closed()
+        (response, busy_closed), (_, idle_closed) = [
+            reader.get(timeout=1) for reader in readers]
+        assert response.body == b'finished'
+        assert busy_closed and idle_closed
         with pytest.raises(OSError):
             Client(server.address, timeout=1)
 
@@ -1797,8 +1811,10 @@ def raw_get(address, path='/', timeout=5):
     """One request over a fresh connection, from any thread, without gevent
     in the way: returns the Response."""
     client = Client(address, timeout=timeout)
+    path, _, query = path.partition('?')
     try:
-        client.request(environ={'PATH_INFO': path}, keep_conn=False)
+        client.request(environ={'PATH_INFO': path, 'QUERY_STRING': query},
+                       keep_conn=False)
         return client.response()
     finally:
         client.close()
@@ -2466,3 +2482,308 @@ class TestVendoring:
                                 env=env, capture_output=True, text=True,
                                 timeout=30)
         assert result.stdout.strip() == 'vendored', result.stderr
+
+
+# ---------------------------------------------------------------------------
+# 9. Process model under real processes and signals (issue: process model)
+# ---------------------------------------------------------------------------
+
+def get_pid(address, path='/pid', timeout=5):
+    response = raw_get(address, path, timeout=timeout)
+    assert response.status == 200, response.stdout
+    return int(response.body)
+
+
+class Master:
+    """python -m gevent_fastcgi with a master, on a free port."""
+
+    def __init__(self, *args, app='test_gevent_fastcgi:e2e_app', env=None,
+                 cwd=HERE):
+        self.port = free_port()
+        self.address = ('127.0.0.1', self.port)
+        self.proc = subprocess.Popen(
+            [sys.executable, '-m', 'gevent_fastcgi', '--bind',
+             '127.0.0.1:%d' % self.port] + list(args) + [app],
+            cwd=cwd, env=dict(os.environ, PYTHONPATH='%s:%s' % (cwd, HERE),
+                              **(env or {})),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        wait_for_port(self.port, proc=self.proc)
+
+    def workers(self):
+        return children_of(self.proc.pid)
+
+    def wait_workers(self, count, timeout=10):
+        return wait_for(lambda: len(self.workers()) == count, timeout)
+
+    def signal(self, sig):
+        self.proc.send_signal(sig)
+
+    def stop(self):
+        status = stop_process(self.proc)
+        self.log = self.proc.stdout.read().decode(errors='replace')
+        return status
+
+
+def steady_load(request, duration, threads=4):
+    """Call request() in a loop from several threads for ``duration``
+    seconds; return the list of results."""
+    results = []
+    deadline = time.monotonic() + duration
+
+    def loop():
+        while time.monotonic() < deadline:
+            try:
+                results.append(request())
+            except Exception as exc:        # a failure is a result too
+                results.append(exc)
+    workers = [threading.Thread(target=loop) for _ in range(threads)]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join()
+    return results
+
+
+LIGHT_APP = '''
+import os
+
+
+def app(environ, start_response):
+    start_response('200 OK', [('Content-Type', 'text/plain')])
+    return [str(os.getpid()).encode()]
+'''
+
+
+class TestProcessModel:
+    def test_killed_worker_is_replaced_within_a_second(self, tmp_path):
+        # a light application, so that what is measured is the master's
+        # reaction and a worker's start, not the import of a heavy app
+        (tmp_path / 'light_app.py').write_text(LIGHT_APP)
+        master = Master('--workers', '1', app='light_app:app',
+                        cwd=str(tmp_path))
+        try:
+            assert master.wait_workers(1)
+            old = get_pid(master.address)
+            os.kill(old, signal.SIGKILL)
+            t0 = time.monotonic()
+            new = None
+            while time.monotonic() - t0 < 3:
+                try:
+                    new = get_pid(master.address, timeout=1)
+                    break
+                except (OSError, AssertionError):
+                    time.sleep(0.01)
+            elapsed = time.monotonic() - t0
+            assert new is not None and new != old
+            print('killed worker replaced and serving in %.3fs' % elapsed)
+            assert elapsed < 1.0, elapsed
+        finally:
+            assert master.stop() == 0
+        assert 'worker %d killed by signal SIGKILL' % old in master.log
+
+    def test_worker_that_cannot_boot_stops_the_master(self):
+        port = free_port()
+        t0 = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, '-m', 'gevent_fastcgi', '--bind',
+             '127.0.0.1:%d' % port, '--workers', '2', 'no_such_module:app'],
+            cwd=HERE, capture_output=True, text=True, timeout=30)
+        assert result.returncode == fcgi.WORKER_BOOT_ERROR
+        assert time.monotonic() - t0 < 10
+        assert 'cannot load the application' in result.stderr
+        assert 'failed to boot' in result.stderr
+        assert result.stderr.count('started (generation') <= 4
+
+    def test_hup_reloads_with_no_failed_request_behind_nginx(self):
+        master = Master('--workers', '2', '--log-level', 'warning')
+        nginx = Nginx('127.0.0.1:%d' % master.port)
+        try:
+            assert master.wait_workers(2)
+            before = master.workers()
+            timer = threading.Timer(1.0, master.signal, (signal.SIGHUP,))
+            timer.start()
+            results = steady_load(lambda: nginx.request('GET', '/pid'), 4.0)
+            timer.join()
+            failures = [r for r in results
+                        if isinstance(r, Exception) or r[0] != 200]
+            assert failures == []
+            assert len(results) > 50
+            pids = [int(r[2]) for r in results]
+            assert set(pids[-10:]).isdisjoint(before)   # new workers serve
+            assert master.wait_workers(2)
+            assert master.workers().isdisjoint(before)
+            assert nginx.errors() == []
+        finally:
+            nginx.stop()
+            assert master.stop() == 0
+
+    def test_hup_reimports_the_app_and_survives_broken_code(self, tmp_path):
+        module = tmp_path / 'reloadable.py'
+
+        def write(version):
+            module.write_text(
+                'def app(environ, start_response):\n'
+                '    start_response("200 OK", [])\n'
+                '    return [b"version %s"]\n' % version)
+        write(1)
+        master = Master('--workers', '2', app='reloadable:app',
+                        cwd=str(tmp_path))
+        try:
+            assert raw_get(master.address).body == b'version 1'
+            write(2)
+            master.signal(signal.SIGHUP)
+            assert wait_for(lambda: raw_get(master.address).body ==
+                            b'version 2', timeout=10)
+            assert master.wait_workers(2)       # generation 1 has drained
+            good = master.workers()
+            module.write_text('this is not python\n')
+            master.signal(signal.SIGHUP)
+            time.sleep(2)
+            assert raw_get(master.address).body == b'version 2'
+            assert master.wait_workers(2)
+            assert master.workers() == good     # the same workers serve
+            write(3)
+            master.signal(signal.SIGHUP)
+            assert wait_for(lambda: raw_get(master.address).body ==
+                            b'version 3', timeout=10)
+        finally:
+            assert master.stop() == 0
+        assert 'reload abandoned' in master.log
+
+    def test_ttin_ttou(self):
+        master = Master('--workers', '2')
+        try:
+            assert master.wait_workers(2)
+            master.signal(signal.SIGTTIN)
+            assert master.wait_workers(3)
+            # signals of one kind sent back to back may merge into one
+            master.signal(signal.SIGTTOU)
+            assert master.wait_workers(2)
+            master.signal(signal.SIGTTOU)
+            assert master.wait_workers(1)
+            assert raw_get(master.address, '/hello').status == 200
+        finally:
+            assert master.stop() == 0
+
+    def test_max_requests_rollover_with_no_failed_request(self):
+        master = Master('--workers', '2', '--max-requests', '20',
+                        '--max-requests-jitter', '5',
+                        '--log-level', 'warning')
+        nginx = Nginx('127.0.0.1:%d' % master.port)
+        try:
+            results = steady_load(lambda: nginx.request('GET', '/pid'), 3.0)
+            failures = [r for r in results
+                        if isinstance(r, Exception) or r[0] != 200]
+            assert failures == []
+            pids = {int(r[2]) for r in results}
+            print('max_requests: %d requests served by %d workers'
+                  % (len(results), len(pids)))
+            assert len(results) >= 100
+            # workers retired again and again (a retiring worker also serves
+            # what arrives on its open connections while it drains)
+            assert len(pids) >= len(results) // 100 + 3
+            assert nginx.errors() == []
+        finally:
+            nginx.stop()
+            assert master.stop() == 0
+
+    def test_blocked_worker_is_killed_and_replaced(self):
+        master = Master('--workers', '1', '--timeout', '1')
+        try:
+            old = get_pid(master.address)
+            t0 = time.monotonic()
+            with pytest.raises((OSError, AssertionError)):
+                raw_get(master.address, '/block?5', timeout=10)
+            assert time.monotonic() - t0 < 4
+            assert get_pid(master.address, timeout=5) != old
+        finally:
+            assert master.stop() == 0
+        assert 'event loop blocked' in master.log
+
+    def test_request_timeout_answers_504(self, serve, caplog):
+        def app(environ, start_response):
+            gevent.sleep(float(environ['QUERY_STRING']))
+            start_response('200 OK', [])
+            return [b'in time']
+        server = serve(app, request_timeout=0.3)
+        t0 = time.monotonic()
+        response = fetch(server, {'QUERY_STRING': '5'})
+        assert response.status == 504
+        assert time.monotonic() - t0 < 2
+        assert any('request_timeout' in r.getMessage()
+                   for r in caplog.records)
+        assert fetch(server, {'QUERY_STRING': '0.01'}).body == b'in time'
+
+    def test_workers_auto_uses_the_cpus_we_may_run_on(self):
+        server = FastCGIServer(('127.0.0.1', 0), hello_app,
+                               num_workers='auto')
+        server.close()
+        assert server.num_workers == len(os.sched_getaffinity(0))
+
+
+class TestWebServerAddrs:
+    @pytest.mark.parametrize('value, served', [
+        ('127.0.0.1', True), ('10.1.2.3, 127.0.0.1', True),
+        ('10.1.2.3', False), ('::1', False), ('', False)])
+    def test_only_listed_peers_are_served(self, serve, monkeypatch, value,
+                                          served, caplog):
+        monkeypatch.setenv('FCGI_WEB_SERVER_ADDRS', value)
+        server = serve(hello_app)
+        client = Client(server.address)
+        if served:
+            client.request()
+            assert client.response().status == 200
+        else:
+            assert client.is_closed()
+            assert 'FCGI_WEB_SERVER_ADDRS' in caplog.text
+
+    def test_unix_socket_fails_the_check(self, serve, monkeypatch, tmp_path):
+        monkeypatch.setenv('FCGI_WEB_SERVER_ADDRS', '127.0.0.1')
+        path = str(tmp_path / 'checked.sock')
+        serve(hello_app, address=path)
+        assert Client(path).is_closed()
+
+    def test_bad_value_fails_at_start(self, monkeypatch):
+        monkeypatch.setenv('FCGI_WEB_SERVER_ADDRS', '127.0.0.1,nonsense')
+        with pytest.raises(ValueError, match='nonsense'):
+            FastCGIServer(('127.0.0.1', 0), hello_app)
+
+    @pytest.mark.skipif(os.geteuid() != 0, reason='chown needs root')
+    def test_socket_owner(self, serve, tmp_path):
+        import grp
+        import pwd
+        path = str(tmp_path / 'owned.sock')
+        serve(hello_app, address=path, socket_owner='nobody:nogroup',
+              socket_mode=0o660)
+        info = os.stat(path)
+        assert info.st_uid == pwd.getpwnam('nobody').pw_uid
+        assert info.st_gid == grp.getgrnam('nogroup').gr_gid
+        with pytest.raises(ValueError, match='no such user'):
+            FastCGIServer(str(tmp_path / 'x.sock'), hello_app,
+                          socket_owner='no-such-user-here')
+
+
+class TestStartedByOthers:
+    def test_spawn_fcgi_socket_on_fd0_behind_nginx(self):
+        spawn_fcgi = require('spawn-fcgi')
+        port = free_port()
+        proc = subprocess.Popen(
+            [spawn_fcgi, '-n', '-a', '127.0.0.1', '-p', str(port), '--',
+             sys.executable, '-m', 'gevent_fastcgi', '--workers', '2',
+             'test_gevent_fastcgi:e2e_app'], cwd=HERE,
+            env=dict(os.environ, PYTHONPATH=HERE),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        nginx = None
+        try:
+            wait_for_port(port, proc=proc)
+            nginx = Nginx('127.0.0.1:%d' % port)
+            status, _, body = nginx.request('GET', '/hello')
+            assert (status, body) == (200, b'Hello, World')
+            body = os.urandom(100000)
+            status, _, echoed = nginx.request('POST', '/echo', body)
+            assert (status, echoed) == (200, body)
+            assert stop_process(proc) == 0
+        finally:
+            if nginx:
+                nginx.stop()
+            stop_process(proc, signal.SIGKILL)
