@@ -622,6 +622,26 @@ class OutputStream:
 # We close it ourselves otherwise only on malformed input (one log line) or
 # when the server stops.
 
+def mount(environ: Dict[str, str], script_name: str) -> None:
+    """Set SCRIPT_NAME to where the application is mounted and PATH_INFO
+    to the rest, whatever the web server made of them: Debian's nginx
+    fastcgi_params and Apache send the whole path as SCRIPT_NAME, HAProxy
+    sends no SCRIPT_NAME.  The whole path is SCRIPT_NAME + PATH_INFO as
+    sent, or, when both are empty, REQUEST_URI's path, %-decoded."""
+    from urllib.parse import unquote_to_bytes
+    path = environ.get('SCRIPT_NAME', '') + environ.get('PATH_INFO', '')
+    if not path:
+        uri = environ.get('REQUEST_URI') or environ.get('DOCUMENT_URI', '')
+        path = unquote_to_bytes(uri.partition('?')[0]).decode('latin-1')
+    if path == script_name or path.startswith(script_name + '/'):
+        environ['SCRIPT_NAME'] = script_name
+        environ['PATH_INFO'] = path[len(script_name):]
+    else:
+        logger.debug('path %r is outside script_name %r', path, script_name)
+        environ['SCRIPT_NAME'] = ''
+        environ['PATH_INFO'] = path
+
+
 class Request:
     """One FastCGI request, as a request handler receives it.
 
@@ -816,6 +836,8 @@ class Connection:
                         '%d FCGI_PARAMS, more than %d'
                         % (len(environ), self.server.max_params))
             return
+        if self.server.script_name is not None:
+            mount(environ, self.server.script_name)
         request.greenlet = gevent.spawn(self.run_request, request)
 
     def on_stdin(self, request_id: int, content: bytes) -> None:
@@ -1615,6 +1637,10 @@ class FastCGIServer(StreamServer):
     worker_timeout   seconds a worker's event loop may be blocked before the
                    master kills and replaces it (None: no limit)
     socket_owner   'user', 'user:group' or ':group' of a unix socket
+    script_name    where the application is mounted ('' for /, or a path
+                   like '/app'): SCRIPT_NAME and PATH_INFO are set from it
+                   and the request's path, repairing what some web servers
+                   send (None, the default: as the web server sent them)
     master         True: a master process supervises the worker(s) even
                    when there is one; False: never; None (default): when
                    num_workers > 1, max_requests or worker_timeout ask for it
@@ -1645,7 +1671,8 @@ class FastCGIServer(StreamServer):
                  request_timeout: Optional[float] = None,
                  worker_timeout: Optional[float] = None,
                  socket_owner: Optional[str] = None,
-                 master: Optional[bool] = None) -> None:
+                 master: Optional[bool] = None,
+                 script_name: Optional[str] = None) -> None:
         if not callable(request_handler):
             raise TypeError('request_handler %r is not callable'
                             % (request_handler,))
@@ -1685,6 +1712,12 @@ class FastCGIServer(StreamServer):
                                           and value > 0):
                 raise ValueError('%s must be a positive number of seconds, '
                                  'not %r' % (name, value))
+        if script_name is not None:
+            script_name = script_name.rstrip('/')
+            if script_name and not script_name.startswith('/'):
+                raise ValueError('script_name must be empty or start with '
+                                 '/, not %r' % script_name)
+        self.script_name = script_name
         self.master = master
         self.max_requests = max_requests
         self.max_requests_jitter = max_requests_jitter
@@ -2282,6 +2315,10 @@ SERVER_OPTIONS = [
            'limit)'),
     Option('socket_owner', '--socket-owner', str,
            'owner of a unix socket: user, user:group or :group'),
+    Option('script_name', '--script-name', str,
+           'where the application is mounted (empty for /, or /prefix): '
+           'SCRIPT_NAME and PATH_INFO are set from it and the request path, '
+           'whatever the web server sent'),
     Option('access_log', '--access-log', str,
            'access log, combined format plus the duration in microseconds: '
            'a file, or - for stdout (default: none)'),

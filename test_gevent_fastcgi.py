@@ -907,6 +907,38 @@ class TestConnection:
         client2.request(environ={'HTTP_BIG': big})
         assert client2.response().body == str(len(big)).encode()
 
+    @pytest.mark.parametrize('sent, script_name, expected', [
+        # nginx with Debian's fastcgi_params, Apache: the whole path
+        ({'SCRIPT_NAME': '/app/x/y', 'PATH_INFO': ''}, '/app',
+         ('/app', '/x/y')),
+        # HAProxy without path-info: neither; REQUEST_URI, %-decoded
+        ({'REQUEST_URI': '/app/caf%C3%A9?q=1'}, '/app',
+         ('/app', '/caf\xc3\xa9')),
+        # already right
+        ({'SCRIPT_NAME': '/app', 'PATH_INFO': '/x'}, '/app', ('/app', '/x')),
+        ({'SCRIPT_NAME': '', 'PATH_INFO': '/x'}, '', ('', '/x')),
+        ({'SCRIPT_NAME': '/x', 'PATH_INFO': ''}, '', ('', '/x')),
+        ({'SCRIPT_NAME': '/app', 'PATH_INFO': ''}, '/app', ('/app', '')),
+        # outside the mount point: left whole in PATH_INFO
+        ({'SCRIPT_NAME': '/other/x'}, '/app', ('', '/other/x')),
+        ({'SCRIPT_NAME': '/application'}, '/app', ('', '/application')),
+    ])
+    def test_mount_repairs_script_name(self, sent, script_name, expected):
+        environ = dict(sent)
+        fcgi.mount(environ, script_name)
+        assert (environ['SCRIPT_NAME'], environ['PATH_INFO']) == expected
+
+    def test_script_name_option(self, serve):
+        def app(environ, start_response):
+            start_response('200 OK', [])
+            return [('%s|%s' % (environ['SCRIPT_NAME'],
+                                environ['PATH_INFO'])).encode()]
+        server = serve(app, script_name='/app/')
+        assert fetch(server, {'SCRIPT_NAME': '/app/x', 'PATH_INFO': ''}
+                     ).body == b'/app|/x'
+        with pytest.raises(ValueError, match='script_name'):
+            FastCGIServer(('127.0.0.1', 0), hello_app, script_name='app')
+
     def test_small_response_leaves_in_one_send(self, serve, monkeypatch):
         sends = []
         original = fcgi.Connection.send
@@ -1303,7 +1335,7 @@ def e2e_app(environ, start_response):
             yield b'second\n'
         start_response('200 OK', [('Content-Type', 'text/plain')])
         return stream()
-    if path.endswith('/env'):
+    if 'env' in path.split('/'):
         start_response('200 OK', [('Content-Type', 'application/json')])
         return [json.dumps({k: v for k, v in environ.items()
                             if isinstance(v, (str, bool))}).encode()]
@@ -1314,6 +1346,24 @@ def e2e_app(environ, start_response):
     if path == '/pid':
         start_response('200 OK', [('Content-Type', 'text/plain')])
         return [str(os.getpid()).encode()]
+    if path == '/cookies':
+        start_response('200 OK', [('Content-Type', 'text/plain'),
+                                  ('Set-Cookie', 'a=1; Path=/'),
+                                  ('Set-Cookie', 'b=2; HttpOnly'),
+                                  ('Set-Cookie', 'c=3; Max-Age=60')])
+        return [b'three cookies']
+    if path == '/fail':
+        raise RuntimeError('the e2e app fails on purpose')
+    if path == '/inflight':           # what this connection carries now
+        request = environ['fastcgi.request']
+        gevent.sleep(float(environ['QUERY_STRING'] or 0.3))
+        body = json.dumps({'on_connection': len(request.connection.requests),
+                           'connections': len(request.server.connections),
+                           'get_values': getattr(request.server,
+                                                 'get_values_seen', None),
+                           'pid': os.getpid()}).encode()
+        start_response('200 OK', [('Content-Type', 'application/json')])
+        return [body]
     if path == '/block':              # CPU-bound code: the loop stalls
         time.sleep(float(environ['QUERY_STRING']))
         start_response('200 OK', [('Content-Type', 'text/plain')])
@@ -1397,18 +1447,18 @@ http {{
     client_max_body_size 0;
     upstream app {{
         server {upstream};
-        keepalive 8;
+        {keepalive}
     }}
     server {{
         listen 127.0.0.1:{port};
         location / {{
             fastcgi_pass app;
-            fastcgi_keep_conn on;
+            {keep_conn}
 {params}
         }}
         location /nobuffer/ {{
             fastcgi_pass app;
-            fastcgi_keep_conn on;
+            {keep_conn}
             fastcgi_buffering off;
 {params}
         }}
@@ -1416,6 +1466,7 @@ http {{
             fastcgi_pass {upstream};
 {params}
         }}
+        {prefix}
     }}
 }}
 """
@@ -1439,23 +1490,39 @@ NGINX_PARAMS = """
             fastcgi_param SERVER_NAME     $server_name;
 """
 
+# An app at /prefix behind Debian's stock fastcgi_params (which sets
+# SCRIPT_NAME to the whole path): --script-name /prefix repairs it.
+NGINX_PREFIX = """
+        location /prefix/ {{
+            fastcgi_pass {upstream};
+            include /etc/nginx/fastcgi_params;
+        }}
+"""
 
-class Nginx:
-    def __init__(self, upstream):
-        self.binary = require('nginx')
-        self.dir = tempfile.mkdtemp(prefix='gevent-fastcgi-nginx-')
-        # nginx's workers run as nobody: they must reach the temp paths
+
+class WebServer:
+    """A real web server, started on loopback with a config of its own."""
+
+    name = 'web server'
+    stream_path = '/stream'
+
+    def __init__(self, kind):
+        self.dir = tempfile.mkdtemp(prefix='gevent-fastcgi-%s-' % kind)
+        # the servers' workers run as nobody/www-data: let them in
         os.chmod(self.dir, 0o777)
         self.port = free_port()
-        user = 'user nobody nogroup;' if os.geteuid() == 0 else ''
-        conf = os.path.join(self.dir, 'nginx.conf')
-        with open(conf, 'w') as f:
-            f.write(NGINX_CONF.format(dir=self.dir, port=self.port, user=user,
-                                      upstream=upstream, params=NGINX_PARAMS))
-        self.proc = subprocess.Popen(
-            [self.binary, '-p', self.dir, '-c', conf],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_for_port(self.port, proc=self.proc)
+        self.proc = None
+
+    def launch(self, argv, **kwargs):
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, **kwargs)
+        wait_for_port(self.port, proc=self.proc, timeout=15)
+
+    def write(self, name, text):
+        path = os.path.join(self.dir, name)
+        with open(path, 'w') as f:
+            f.write(text)
+        return path
 
     def request(self, method, path, body=None, headers=None, timeout=30):
         conn = http.client.HTTPConnection('127.0.0.1', self.port,
@@ -1468,14 +1535,42 @@ class Nginx:
             conn.close()
 
     def error_log(self):
-        with open(os.path.join(self.dir, 'error.log'), errors='replace') as f:
-            return f.read()
+        try:
+            with open(os.path.join(self.dir, 'error.log'),
+                      errors='replace') as f:
+                return f.read()
+        except FileNotFoundError:
+            return ''
+
+    ERROR_MARKS = ('[error]', '[crit]', '[alert]', '[emerg]')
 
     def errors(self):
         """Lines of the error log at level error or worse."""
         return [line for line in self.error_log().splitlines()
-                if any(level in line for level in ('[error]', '[crit]',
-                                                   '[alert]', '[emerg]'))]
+                if any(mark in line for mark in self.ERROR_MARKS)]
+
+    def stop(self):
+        if self.proc is not None:
+            stop_process(self.proc)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Nginx(WebServer):
+    name = 'nginx'
+    stream_path = '/nobuffer/stream'
+
+    def __init__(self, upstream, prefix_upstream=None, keep_conn=True):
+        super().__init__('nginx')
+        binary = require('nginx')
+        user = 'user nobody nogroup;' if os.geteuid() == 0 else ''
+        prefix = (NGINX_PREFIX.format(upstream=prefix_upstream)
+                  if prefix_upstream else '')
+        conf = self.write('nginx.conf', NGINX_CONF.format(
+            dir=self.dir, port=self.port, user=user, upstream=upstream,
+            params=NGINX_PARAMS, prefix=prefix,
+            keepalive='keepalive 8;' if keep_conn else '',
+            keep_conn='fastcgi_keep_conn on;' if keep_conn else ''))
+        self.launch([binary, '-p', self.dir, '-c', conf])
 
     def stop(self):
         stop_process(self.proc, signal.SIGQUIT)
@@ -2787,3 +2882,446 @@ class TestStartedByOthers:
             if nginx:
                 nginx.stop()
             stop_process(proc, signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------
+# Behind each real web server (issue: proven against real web servers)
+# ---------------------------------------------------------------------------
+#
+# Two of our servers run for the whole module: A serves the app at /, over
+# TCP and a unix socket; B serves it at /prefix with --script-name /prefix,
+# which repairs the SCRIPT_NAME/PATH_INFO that a web server's plain config
+# sends.  Each web server then runs the same battery of checks.
+
+APACHE_CONF = """
+ServerRoot "{dir}"
+Listen 127.0.0.1:{port}
+PidFile {dir}/httpd.pid
+Mutex file:{dir}
+DefaultRuntimeDir {dir}
+ErrorLog {dir}/error.log
+LogLevel warn
+{user}
+ServerName localhost
+LoadModule mpm_event_module /usr/lib/apache2/modules/mod_mpm_event.so
+LoadModule authz_core_module /usr/lib/apache2/modules/mod_authz_core.so
+LoadModule proxy_module /usr/lib/apache2/modules/mod_proxy.so
+LoadModule proxy_fcgi_module /usr/lib/apache2/modules/mod_proxy_fcgi.so
+AllowEncodedSlashes NoDecode
+ProxyPass "/prefix/" "fcgi://{prefix_upstream}/" enablereuse=on
+ProxyPass "/" "{upstream}" enablereuse=on flushpackets=on
+<LocationMatch "^/(?!prefix/)">
+    # without these Apache sends the whole path as SCRIPT_NAME
+    ProxyFCGISetEnvIf "true" SCRIPT_NAME ""
+    ProxyFCGISetEnvIf "true" PATH_INFO "%{{REQUEST_URI}}"
+</LocationMatch>
+"""
+
+
+class Apache(WebServer):
+    name = 'apache'
+
+    def __init__(self, upstream, prefix_upstream):
+        super().__init__('apache')
+        binary = require('apache2')
+        if isinstance(upstream, str):
+            upstream = 'unix:%s|fcgi://localhost/' % upstream
+        else:
+            upstream = 'fcgi://%s:%d/' % upstream
+        user = 'User www-data\nGroup www-data' if os.geteuid() == 0 else ''
+        conf = self.write('httpd.conf', APACHE_CONF.format(
+            dir=self.dir, port=self.port, user=user, upstream=upstream,
+            prefix_upstream='%s:%d' % prefix_upstream))
+        self.launch([binary, '-f', conf, '-DFOREGROUND'])
+
+    ERROR_MARKS = (':error]', ':crit]', ':alert]', ':emerg]')
+
+
+LIGHTTPD_CONF = """
+server.document-root = "{dir}"
+server.bind = "127.0.0.1"
+server.port = {port}
+server.pid-file = "{dir}/lighttpd.pid"
+server.errorlog = "{dir}/error.log"
+server.modules = ("mod_fastcgi")
+server.stream-response-body = 2
+server.max-request-size = 0
+fastcgi.server = (
+    "/prefix/" => ((
+        "host" => "127.0.0.1", "port" => {prefix_port},
+        "check-local" => "disable",
+    )),
+    "/" => (({backend}
+        "check-local" => "disable",
+        "fix-root-scriptname" => "enable",
+    )),
+)
+"""
+
+
+class Lighttpd(WebServer):
+    name = 'lighttpd'
+
+    def __init__(self, upstream, prefix_upstream, spawn=False):
+        super().__init__('lighttpd')
+        binary = require('lighttpd')
+        if spawn:
+            # lighttpd binds the socket and starts us with it on fd 0
+            self.spawned_socket = os.path.join(self.dir, 'app.sock')
+            backend = ('"socket" => "%s", "bin-path" => "%s -m gevent_fastcgi '
+                       'test_gevent_fastcgi:e2e_app", "bin-environment" => '
+                       '("PYTHONPATH" => "%s"), "max-procs" => 1,'
+                       % (self.spawned_socket, sys.executable, HERE))
+        elif isinstance(upstream, str):
+            backend = '"socket" => "%s",' % upstream
+        else:
+            backend = '"host" => "%s", "port" => %d,' % upstream
+        conf = self.write('lighttpd.conf', LIGHTTPD_CONF.format(
+            dir=self.dir, port=self.port, backend=backend,
+            prefix_port=prefix_upstream[1]))
+        self.launch([binary, '-D', '-f', conf])
+
+    ERROR_MARKS = ('error', 'Error')
+
+
+HAPROXY_CONF = """
+global
+    pidfile {dir}/haproxy.pid
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+fcgi-app app
+    docroot /
+    path-info ^()(/.*)$
+    option keep-conn
+    option mpxs-conns
+    option max-reqs 100
+    option get-values
+fcgi-app prefixapp
+    docroot /
+    path-info ^()(/.*)$
+    option keep-conn
+frontend fe
+    bind 127.0.0.1:{port}
+    use_backend prefix if {{ path_beg /prefix/ }}
+    default_backend app
+backend app
+    use-fcgi-app app
+    http-reuse always
+    server s1 {upstream} proto fcgi
+backend prefix
+    use-fcgi-app prefixapp
+    server s1 {prefix_upstream} proto fcgi
+"""
+
+
+class HAProxy(WebServer):
+    name = 'haproxy'
+
+    def __init__(self, upstream, prefix_upstream):
+        super().__init__('haproxy')
+        binary = require('haproxy')
+        upstream = (upstream if isinstance(upstream, str)
+                    else '%s:%d' % upstream)
+        conf = self.write('haproxy.cfg', HAPROXY_CONF.format(
+            dir=self.dir, port=self.port, upstream=upstream,
+            prefix_upstream='%s:%d' % prefix_upstream))
+        self.launch([binary, '-f', conf, '-db'])
+
+    def errors(self):
+        return []           # HAProxy logs nowhere in this config
+
+
+@pytest.fixture(scope='module')
+def app_servers(tmp_path_factory):
+    """A: the app at / (TCP and unix); B: the app at /prefix."""
+    folder = tempfile.mkdtemp(prefix='gevent-fastcgi-app-')
+    os.chmod(folder, 0o755)
+    unix = os.path.join(folder, 'a.sock')
+    port_a, port_b = free_port(), free_port()
+    a = start_server_process(['--bind', '127.0.0.1:%d' % port_a, '--bind',
+                              'unix:' + unix, '--socket-mode', '0666',
+                              '--log-level', 'warning',
+                              'test_gevent_fastcgi:e2e_app'], port_a)
+    b = start_server_process(['--bind', '127.0.0.1:%d' % port_b,
+                              '--script-name', '/prefix',
+                              '--log-level', 'warning',
+                              'test_gevent_fastcgi:e2e_app'], port_b)
+    yield {'tcp': ('127.0.0.1', port_a), 'unix': unix,
+           'prefix': ('127.0.0.1', port_b)}
+    for proc in (a, b):
+        assert stop_process(proc) == 0
+        log = proc.stdout.read().decode(errors='replace')
+        # the one traceback allowed is the one /fail asks for
+        assert log.count('Traceback') == log.count(
+            'RuntimeError: the e2e app fails on purpose'), log
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+WEB_SERVERS = {
+    'nginx': lambda a: Nginx('%s:%d' % a['tcp'], '%s:%d' % a['prefix']),
+    'nginx-unix': lambda a: Nginx('unix:' + a['unix'], '%s:%d' % a['prefix']),
+    'nginx-no-keep-conn': lambda a: Nginx('%s:%d' % a['tcp'],
+                                          '%s:%d' % a['prefix'],
+                                          keep_conn=False),
+    'apache': lambda a: Apache(a['tcp'], a['prefix']),
+    'apache-unix': lambda a: Apache(a['unix'], a['prefix']),
+    'lighttpd': lambda a: Lighttpd(a['tcp'], a['prefix']),
+    'lighttpd-bin-path': lambda a: Lighttpd(None, a['prefix'], spawn=True),
+    'haproxy': lambda a: HAProxy(a['tcp'], a['prefix']),
+}
+
+
+@pytest.fixture(scope='module', params=sorted(WEB_SERVERS))
+def web(request, app_servers):
+    server = WEB_SERVERS[request.param](app_servers)
+    yield server
+    errors = server.errors()
+    server.stop()
+    assert errors == []
+
+
+def big_body(size):
+    return (BIG_BLOCK * (size // len(BIG_BLOCK) + 1))[:size]
+
+
+class TestBehindWebServers:
+    def test_hello(self, web):
+        status, _, body = web.request('GET', '/hello')
+        assert (status, body) == (200, b'Hello, World')
+
+    @pytest.mark.parametrize('size', [0, 1024 * 1024, 8 * 1024 * 1024])
+    def test_post_echoed_exactly(self, web, size):
+        body = os.urandom(size)
+        status, headers, echoed = web.request(
+            'POST', '/echo', body,
+            {'Content-Type': 'application/octet-stream'})
+        assert status == 200
+        assert dict((k.lower(), v) for k, v in headers)['x-sha256'] == \
+            hashlib.sha256(body).hexdigest()
+        assert echoed == body
+
+    def test_10mb_response(self, web):
+        size = 10 * 1024 * 1024
+        status, _, body = web.request('GET', '/big?%d' % size)
+        assert status == 200
+        assert hashlib.sha256(body).digest() == hashlib.sha256(
+            big_body(size)).digest()
+
+    def test_streamed_response_arrives_in_pieces(self, web):
+        conn = http.client.HTTPConnection('127.0.0.1', web.port, timeout=10)
+        t0 = time.monotonic()
+        conn.request('GET', web.stream_path)
+        response = conn.getresponse()
+        first = response.read1(100)
+        t_first = time.monotonic() - t0
+        rest = response.read()
+        t_end = time.monotonic() - t0
+        conn.close()
+        assert first + rest == b'first\nsecond\n'
+        assert t_first < 0.8 <= t_end, (t_first, t_end)
+
+    def test_head(self, web):
+        status, headers, body = web.request('HEAD', '/hello')
+        assert status == 200 and body == b''
+        length = dict((k.lower(), v) for k, v in headers).get(
+            'content-length')
+        assert length in (None, '12')      # Apache drops it for HEAD
+
+    def test_404_and_500_pass_through_with_bodies(self, web):
+        status, _, body = web.request('GET', '/status?404+Not+Found')
+        assert (status, body) == (404, b'status page')
+        status, _, body = web.request('GET', '/fail')
+        assert (status, body) == (500, fcgi.ERROR_BODY)
+
+    def test_several_set_cookie_headers(self, web):
+        status, headers, _ = web.request('GET', '/cookies')
+        cookies = [v for k, v in headers if k.lower() == 'set-cookie']
+        assert cookies == ['a=1; Path=/', 'b=2; HttpOnly', 'c=3; Max-Age=60']
+
+    def test_escapes_and_non_ascii(self, web):
+        status, _, body = web.request(
+            'GET', '/env/caf%C3%A9/a%20b?q=%C3%A9t%C3%A9&x=1+2&y=%2F')
+        environ = json.loads(body)
+        assert environ['PATH_INFO'] == '/env/café/a b'.encode().decode(
+            'latin-1')
+        assert environ['QUERY_STRING'] == 'q=%C3%A9t%C3%A9&x=1+2&y=%2F'
+        assert environ['SCRIPT_NAME'] == ''
+
+    def test_mounted_at_a_prefix(self, web):
+        status, _, body = web.request('GET', '/prefix/env/x%20y?z=1')
+        assert status == 200
+        environ = json.loads(body)
+        assert (environ['SCRIPT_NAME'], environ['PATH_INFO']) == (
+            '/prefix', '/env/x y')
+        assert environ['QUERY_STRING'] == 'z=1'
+
+    def test_100_concurrent_clients(self, web):
+        def client(i):
+            body = os.urandom(2000 + i)
+            ok = web.request('GET', '/hello')[2] == b'Hello, World'
+            status, _, echoed = web.request('POST', '/echo', body)
+            return ok and status == 200 and echoed == body
+        with ThreadPoolExecutor(100) as pool:
+            results = list(pool.map(client, range(100)))
+        assert results == [True] * 100
+
+    def test_client_vanishing_mid_download_disturbs_no_one(self, web):
+        quitter = socket.create_connection(('127.0.0.1', web.port))
+        quitter.sendall(b'GET /big?%d HTTP/1.1\r\nHost: x\r\n\r\n'
+                        % (200 * 1024 * 1024))
+        received = 0
+        while received < 1024 * 1024:
+            received += len(quitter.recv(65536))
+        quitter.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                           struct.pack('ii', 1, 0))
+        quitter.close()                          # reset, mid-download
+        size = 5 * 1024 * 1024
+        with ThreadPoolExecutor(10) as pool:
+            results = list(pool.map(
+                lambda _: web.request('GET', '/big?%d' % size)[2]
+                == big_body(size), range(10)))
+        assert results == [True] * 10
+
+
+# A server whose connections count FCGI_GET_VALUES and may say that they do
+# not multiplex, to show that HAProxy acts on our answer.
+GET_VALUES_SERVER = '''
+import sys
+import gevent_fastcgi as fcgi
+from test_gevent_fastcgi import e2e_app
+
+MPXS = sys.argv[2]
+
+
+class Connection(fcgi.Connection):
+    def on_get_values(self, content):
+        self.server.get_values_seen += 1
+        if MPXS == '1':
+            return super().on_get_values(content)
+        answer = [(name, {b'FCGI_MPXS_CONNS': b'0', b'FCGI_MAX_REQS': b'100',
+                          b'FCGI_MAX_CONNS': b'100'}[name])
+                  for name, _ in fcgi.decode_pairs(content)]
+        self.send(fcgi.encode_records(fcgi.FCGI_GET_VALUES_RESULT, 0,
+                                      fcgi.encode_pairs(answer)))
+
+
+server = fcgi.FastCGIServer(('127.0.0.1', int(sys.argv[1])),
+                            fcgi.WSGIRequestHandler(e2e_app))
+server.connection_class = Connection
+server.get_values_seen = 0
+server.serve_forever()
+'''
+
+
+class TestHAProxyMultiplexing:
+    def measure(self, mpxs):
+        """30 slow requests at once through HAProxy to a server that says
+        FCGI_MPXS_CONNS=<mpxs>; what our side saw."""
+        port = free_port()
+        proc = subprocess.Popen(
+            [sys.executable, '-c', GET_VALUES_SERVER, str(port), mpxs],
+            cwd=HERE, env=dict(os.environ, PYTHONPATH=HERE),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        haproxy = None
+        try:
+            wait_for_port(port, proc=proc)
+            haproxy = HAProxy(('127.0.0.1', port), ('127.0.0.1', port))
+            with ThreadPoolExecutor(30) as pool:
+                results = list(pool.map(
+                    lambda _: haproxy.request('GET', '/inflight?0.5'),
+                    range(30)))
+            assert [r[0] for r in results] == [200] * 30
+            seen = [json.loads(r[2]) for r in results]
+        finally:
+            if haproxy:
+                haproxy.stop()
+            assert stop_process(proc) == 0
+        figures = (max(s['on_connection'] for s in seen),
+                   max(s['connections'] for s in seen),
+                   max(s['get_values'] for s in seen))
+        print('FCGI_MPXS_CONNS=%s: 30 requests in flight, at most %d on one '
+              'connection, %d connections, %d GET_VALUES answered'
+              % ((mpxs,) + figures))
+        return figures
+
+    def test_multiplexed_as_our_get_values_answer_says(self):
+        on_one, connections, get_values = self.measure('1')
+        # truly multiplexed: more requests in flight than connections
+        assert on_one > 1 and connections < 30
+        assert get_values >= 1
+        # told that we do not multiplex, HAProxy opens many more
+        # connections (it sends a few requests before our answer arrives)
+        on_one_0, connections_0, get_values_0 = self.measure('0')
+        assert get_values_0 >= 1
+        assert connections_0 >= 3 * connections
+        assert on_one_0 < on_one
+
+
+class TestCgiFcgi:
+    """libfcgi's reference client: one request per run, KEEP_CONN off."""
+
+    def run(self, address, path='/hello', method='GET', body=b'',
+            extra=None):
+        binary = require('cgi-fcgi')
+        path_info, _, query = path.partition('?')
+        env = {'REQUEST_METHOD': method, 'SCRIPT_NAME': '',
+               'PATH_INFO': path_info, 'QUERY_STRING': query,
+               'REQUEST_URI': path, 'SERVER_NAME': 'localhost',
+               'SERVER_PORT': '80', 'SERVER_PROTOCOL': 'HTTP/1.1',
+               'GATEWAY_INTERFACE': 'CGI/1.1',
+               'CONTENT_LENGTH': str(len(body))}
+        env.update(extra or {})
+        result = subprocess.run(
+            [binary, '-bind', '-connect', '%s:%d' % address], input=body,
+            env=env, capture_output=True, timeout=60)
+        # cgi-fcgi exits with the FCGI_END_REQUEST appStatus
+        assert result.returncode == (1 if path == '/fail' else 0), \
+            result.stderr
+        return parse_cgi(result.stdout)
+
+    def test_hello_head_statuses_cookies(self, app_servers):
+        a = app_servers['tcp']
+        assert self.run(a)[::2] == (200, b'Hello, World')
+        status, headers, body = self.run(a, method='HEAD')
+        assert (status, body) == (200, b'')
+        assert ('Content-Length', '12') in headers
+        assert self.run(a, '/status?404+Not+Found')[::2] == (404,
+                                                              b'status page')
+        assert self.run(a, '/fail')[::2] == (500, fcgi.ERROR_BODY)
+        cookies = [v for k, v in self.run(a, '/cookies')[1]
+                   if k == 'Set-Cookie']
+        assert len(cookies) == 3
+
+    @pytest.mark.parametrize('size', [0, 1024 * 1024, 8 * 1024 * 1024])
+    def test_post_echoed_exactly(self, app_servers, size):
+        body = os.urandom(size)
+        status, _, echoed = self.run(app_servers['tcp'], '/echo', 'POST',
+                                     body)
+        assert status == 200 and echoed == body
+
+    def test_10mb_response(self, app_servers):
+        size = 10 * 1024 * 1024
+        status, _, body = self.run(app_servers['tcp'], '/big?%d' % size)
+        assert status == 200 and body == big_body(size)
+
+    def test_escapes_and_prefix(self, app_servers):
+        environ = json.loads(self.run(
+            app_servers['tcp'], '/env/café?q=%C3%A9')[2])
+        assert environ['PATH_INFO'] == '/env/café'.encode().decode('latin-1')
+        assert environ['QUERY_STRING'] == 'q=%C3%A9'
+        # what a CGI-style client sends: the whole path as SCRIPT_NAME
+        environ = json.loads(self.run(
+            app_servers['prefix'], '/prefix/env/x',
+            extra={'SCRIPT_NAME': '/prefix/env/x', 'PATH_INFO': ''})[2])
+        assert (environ['SCRIPT_NAME'], environ['PATH_INFO']) == (
+            '/prefix', '/env/x')
+
+    def test_20_at_once(self, app_servers):
+        with ThreadPoolExecutor(20) as pool:
+            results = list(pool.map(
+                lambda i: self.run(app_servers['tcp'], '/echo', 'POST',
+                                   b'%d' % i)[2] == b'%d' % i, range(20)))
+        assert results == [True] * 20
