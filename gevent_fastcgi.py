@@ -680,6 +680,11 @@ class Request:
         self._params: List[bytes] = []
         self._params_size = 0
 
+    @property
+    def input_complete(self) -> bool:
+        """The web server has sent all it owes: PARAMS, STDIN and DATA."""
+        return self.params_done and self.stdin.eof and self.data.eof
+
     def __repr__(self) -> str:
         return '<Request %d %s %s %s>' % (
             self.id, ROLE_NAMES.get(self.role, self.role),
@@ -722,6 +727,7 @@ class Connection:
         self._linger_timer = None
         self._drain_timer = None
         self.last_active = time.monotonic()     # when a request last ended
+        self.got_request = False                # a request's PARAMS came
         self.record_handlers = {
             record_type: getattr(self, name)
             for record_type, name in self.record_handler_names.items()}
@@ -731,14 +737,40 @@ class Connection:
 
     # -- reading ------------------------------------------------------------
 
+    def owes_input(self, parser: RecordParser) -> bool:
+        """Is the web server in the middle of sending something: a record,
+        a request's input, or, on a new connection, its first request?"""
+        if parser.buffered or not self.got_request:
+            return True
+        for request in self.requests.values():
+            if not request.input_complete:
+                return True
+        return False
+
     def run(self) -> None:
         parser = RecordParser()
-        recv = self.socket.recv
+        sock = self.socket
+        recv = sock.recv
         recv_size = self.recv_size
         handlers = self.record_handlers
+        read_timeout = self.server.read_timeout
+        timeout = None
         try:
             while not self.closed:
-                data = recv(recv_size)
+                if read_timeout:
+                    # An idle kept-open connection belongs to the web server
+                    # and may wait as long as it likes; one that owes us
+                    # input may not (slowloris, half-sent requests).
+                    wanted = read_timeout if self.owes_input(parser) else None
+                    if wanted != timeout:
+                        sock.settimeout(wanted)
+                        timeout = wanted
+                try:
+                    data = recv(recv_size)
+                except TimeoutError:
+                    if self.owes_input(parser):
+                        raise
+                    continue    # what was owed ended meanwhile (answered)
                 for rtype, request_id, content in parser.feed(data):
                     if request_id:
                         handler = handlers.get(rtype)
@@ -758,6 +790,11 @@ class Connection:
         except ProtocolError as exc:
             logger.warning('%s: protocol error, connection closed: %s',
                            self, exc)
+        except TimeoutError:
+            if not self.closed:
+                logger.warning('%s: nothing received for %gs while a request '
+                               'was unfinished: connection closed', self,
+                               read_timeout)
         except OSError as exc:
             if not self.closed:
                 logger.info('%s: connection lost: %s', self, exc)
@@ -827,6 +864,7 @@ class Connection:
             request._params.append(content)
             return
         request.params_done = True
+        self.got_request = True
         params = request._params
         request._params = None
         environ = request.environ = decode_environ(
@@ -836,6 +874,14 @@ class Connection:
                         '%d FCGI_PARAMS, more than %d'
                         % (len(environ), self.server.max_params))
             return
+        max_body = self.server.max_body_size
+        if max_body is not None and request.role != FCGI_AUTHORIZER:
+            length = environ.get('CONTENT_LENGTH', '')
+            if length.isdigit() and int(length) > max_body:
+                self.refuse(request, '413 Content Too Large',
+                            'CONTENT_LENGTH %s over max_body_size %d'
+                            % (length, max_body))
+                return
         if self.server.script_name is not None:
             mount(environ, self.server.script_name)
         request.greenlet = gevent.spawn(self.run_request, request)
@@ -861,6 +907,13 @@ class Connection:
             raise ProtocolError('%s for request %d after its %s stream ended'
                                 % (name, request.id, name))
         if content:
+            max_body = self.server.max_body_size
+            if (max_body is not None and stream is request.stdin
+                    and stream.received + len(content) > max_body):
+                # No CONTENT_LENGTH said so (a chunked upload): stop here.
+                self.refuse(request, '413 Content Too Large',
+                            'body over max_body_size %d' % max_body)
+                return
             stream.feed(content)
         else:
             stream.feed_eof()
@@ -927,14 +980,19 @@ class Connection:
             log_access(request, started)
 
     def refuse(self, request: Request, status: str, reason: str) -> None:
-        """Answer a request we will not run with an HTTP error of our own."""
+        """Answer a request we will not serve (further) with an HTTP error
+        of our own; a handler already running on it is cancelled."""
         logger.warning('%s: request %d refused: %s', self, request.id, reason)
-        body = status.encode('ascii')
-        response = (b'Status: ' + body + b'\r\nContent-Type: text/plain\r\n'
-                    b'Content-Length: %d\r\n\r\n' % len(body) + body)
-        self.end_request(request, 0, output=(
-            encode_records(FCGI_STDOUT, request.id, response)
-            + encode_records(FCGI_STDOUT, request.id)))
+        output = b''
+        if request.stdout.discard_unsent():
+            body = status.encode('ascii')
+            output = encode_records(FCGI_STDOUT, request.id, (
+                b'Status: ' + body + b'\r\nContent-Type: text/plain\r\n'
+                b'Content-Length: %d\r\n\r\n' % len(body) + body))
+        self.end_request(request, 1, output=(
+            output + encode_records(FCGI_STDOUT, request.id)))
+        if request.greenlet is not None:
+            request.greenlet.kill(RequestAborted, block=False)
 
     def _forget(self, request: Request) -> None:
         request.ended = True
@@ -1502,17 +1560,19 @@ def create_listener(address, backlog: int = 128, socket_mode=None):
         sock = gevent.socket.socket(_stdlib_socket.AF_UNIX,
                                     _stdlib_socket.SOCK_STREAM)
         try:
-            if socket_mode is not None:
-                # The file is born with mode & ~umask: with this umask it is
-                # never more open than asked, not even for an instant.
-                old_umask = os.umask(0o777 & ~socket_mode)
-                try:
-                    sock.bind(path)
-                finally:
-                    os.umask(old_umask)
-                os.chmod(path, socket_mode)
-            else:
+            old_umask = os.umask(0o077)
+            os.umask(old_umask)
+            if socket_mode is None:
+                # Never world-writable (anyone could connect) unless asked.
+                socket_mode = 0o777 & ~old_umask & ~0o002
+            # The file is born with mode & ~umask: with this umask it is never
+            # more open than it will be, not even for an instant.
+            os.umask(0o777 & ~socket_mode)
+            try:
                 sock.bind(path)
+            finally:
+                os.umask(old_umask)
+            os.chmod(path, socket_mode)
             sock.listen(backlog)
         except BaseException:
             sock.close()
@@ -1641,6 +1701,12 @@ class FastCGIServer(StreamServer):
                    like '/app'): SCRIPT_NAME and PATH_INFO are set from it
                    and the request's path, repairing what some web servers
                    send (None, the default: as the web server sent them)
+    read_timeout   seconds a connection may keep us waiting while it owes
+                   input (in the middle of a record or of a request's input,
+                   or before its first request); then it is closed.  Idle
+                   kept-open connections are the web server's and wait
+                   (default 60; None: no limit)
+    max_body_size  most bytes of request body; beyond, 413 (default: none)
     master         True: a master process supervises the worker(s) even
                    when there is one; False: never; None (default): when
                    num_workers > 1, max_requests or worker_timeout ask for it
@@ -1672,7 +1738,9 @@ class FastCGIServer(StreamServer):
                  worker_timeout: Optional[float] = None,
                  socket_owner: Optional[str] = None,
                  master: Optional[bool] = None,
-                 script_name: Optional[str] = None) -> None:
+                 script_name: Optional[str] = None,
+                 read_timeout: Optional[float] = 60.0,
+                 max_body_size: Optional[int] = None) -> None:
         if not callable(request_handler):
             raise TypeError('request_handler %r is not callable'
                             % (request_handler,))
@@ -1706,8 +1774,15 @@ class FastCGIServer(StreamServer):
         self.max_params = max_params
         if stop_timeout is not None:
             self.stop_timeout = stop_timeout
+        if max_body_size is not None and (type(max_body_size) is not int
+                                          or max_body_size < 0):
+            raise ValueError('max_body_size must be an int of at least 0, '
+                             'not %r' % (max_body_size,))
+        self.max_body_size = max_body_size
+        self.read_timeout = read_timeout
         for name, value in (('request_timeout', request_timeout),
-                            ('worker_timeout', worker_timeout)):
+                            ('worker_timeout', worker_timeout),
+                            ('read_timeout', read_timeout)):
             if value is not None and not (isinstance(value, (int, float))
                                           and value > 0):
                 raise ValueError('%s must be a positive number of seconds, '
@@ -2315,6 +2390,11 @@ SERVER_OPTIONS = [
            'limit)'),
     Option('socket_owner', '--socket-owner', str,
            'owner of a unix socket: user, user:group or :group'),
+    Option('read_timeout', '--read-timeout', _to_seconds,
+           'seconds a web server may keep us waiting in the middle of '
+           'sending a request; then the connection is closed (default 60)'),
+    Option('max_body_size', '--max-body-size', _to_int(0),
+           'most bytes of request body; beyond, 413 (default: no limit)'),
     Option('script_name', '--script-name', str,
            'where the application is mounted (empty for /, or /prefix): '
            'SCRIPT_NAME and PATH_INFO are set from it and the request path, '

@@ -58,11 +58,19 @@ def header(rtype, rid, length, padding=0, version=1):
 
 class Response:
     def __init__(self):
-        self.stdout = b''
-        self.stderr = b''
+        self.stdout_chunks = []
+        self.stderr_chunks = []
         self.app_status = None
         self.protocol_status = None
         self.records = []
+
+    @property
+    def stdout(self):
+        return b''.join(self.stdout_chunks)
+
+    @property
+    def stderr(self):
+        return b''.join(self.stderr_chunks)
 
     @property
     def status(self):
@@ -163,9 +171,9 @@ class Client:
                 continue
             response.records.append(record)
             if record.type == FCGI_STDOUT:
-                response.stdout += record.content
+                response.stdout_chunks.append(record.content)
             elif record.type == FCGI_STDERR:
-                response.stderr += record.content
+                response.stderr_chunks.append(record.content)
             elif record.type == FCGI_END_REQUEST:
                 (response.app_status,
                  response.protocol_status) = fcgi.decode_end_request(
@@ -3325,3 +3333,226 @@ class TestCgiFcgi:
                 lambda i: self.run(app_servers['tcp'], '/echo', 'POST',
                                    b'%d' % i)[2] == b'%d' % i, range(20)))
         assert results == [True] * 20
+
+
+# ---------------------------------------------------------------------------
+# Hard to break: hostile input, limits and faults (issue: hard to break)
+# ---------------------------------------------------------------------------
+
+VALID_REQUEST = (encode_begin_request(1, FCGI_RESPONDER, True)
+                 + encode_records(FCGI_PARAMS, 1, encode_pairs(
+                     {'REQUEST_METHOD': 'POST', 'CONTENT_LENGTH': '3'}))
+                 + encode_records(FCGI_PARAMS, 1)
+                 + encode_records(FCGI_STDIN, 1, b'abc')
+                 + encode_records(FCGI_STDIN, 1))
+
+record_strategy = st.tuples(
+    st.sampled_from([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 0, 12, 200]),
+    st.sampled_from([0, 1, 2, 3, 65535]),
+    st.one_of(st.binary(max_size=64),
+              st.just(struct.pack('!HB5x', 1, 1)),
+              st.just(encode_pairs({'REQUEST_METHOD': 'GET'})),
+              st.just(b'\xff\xff\xff\xff\x00')))     # a 2 GB name
+
+
+@st.composite
+def hostile_streams(draw):
+    """Arbitrary records, a valid request, then mutations of the bytes."""
+    records = draw(st.lists(record_strategy, max_size=12))
+    wire = bytearray(b''.join(encode_records(*r) for r in records))
+    if draw(st.booleans()):
+        at = draw(st.integers(0, len(wire)))
+        wire[at:at] = VALID_REQUEST
+    for _ in range(draw(st.integers(0, 4))):
+        if not wire:
+            break
+        at = draw(st.integers(0, len(wire) - 1))
+        action = draw(st.sampled_from(['flip', 'cut', 'insert']))
+        if action == 'flip':
+            wire[at] ^= draw(st.integers(1, 255))
+        elif action == 'cut':
+            del wire[at:at + draw(st.integers(1, 16))]
+        else:
+            wire[at:at] = draw(st.binary(min_size=1, max_size=8))
+    return bytes(wire)
+
+
+class TestHostileInput:
+    @settings(max_examples=300, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                     HealthCheck.too_slow])
+    @given(wire=hostile_streams())
+    def test_arbitrary_record_streams_break_nothing(self, fuzz_server, wire):
+        server = fuzz_server
+        hostile = Client(server.address, timeout=2)
+        hostile.send(wire)
+        # read whatever comes back for a moment, then hang up
+        hostile.sock.settimeout(0.02)
+        try:
+            while hostile.read_record() is not None:
+                pass
+        except (OSError, ProtocolError):
+            pass
+        hostile.close()
+        # after each: a new connection is served at once ...
+        client = Client(server.address, timeout=2)
+        client.request(body=b'still here')
+        assert client.response().body == b'still here'
+        client.close()
+        # ... and nothing is left behind
+        assert wait_for(lambda: server.active_requests == 0
+                        and len(server.connections) == 0, timeout=2)
+
+    def test_1000_half_sent_requests_do_not_stop_a_new_one(self, serve):
+        server = serve(echo_app, read_timeout=2.0)
+        half_sent = []
+        for i in range(1000):
+            client = Client(server.address)
+            client.begin(1)
+            client.params(1, {'REQUEST_METHOD': 'POST',
+                              'CONTENT_LENGTH': '100'}, end=(i % 2 == 0))
+            if i % 2 == 0:
+                client.stdin(1, b'only part of the body', end=False)
+            half_sent.append(client)
+        assert wait_for(lambda: server.active_requests == 1000, timeout=10)
+        t0 = time.monotonic()
+        fresh = Client(server.address)
+        fresh.request(body=b'served')
+        assert fresh.response().body == b'served'
+        assert time.monotonic() - t0 < 0.5
+        # the read timeout closes them all, and cancels their requests
+        assert wait_for(lambda: server.active_requests == 0, timeout=10)
+        assert all(client.is_closed() for client in half_sent[:10])
+        for client in half_sent:
+            client.close()
+
+    def test_slow_sender_within_the_read_timeout_is_served(self, serve):
+        server = serve(echo_app, read_timeout=0.5)
+        client = Client(server.address)
+        client.begin(1)
+        client.params(1, {'REQUEST_METHOD': 'POST'})
+        for piece in (b'a', b'b', b'c', b'd'):
+            gevent.sleep(0.3)                # each gap under the timeout
+            client.stdin(1, piece, end=False)
+        client.stdin(1, b'')
+        assert client.response().body == b'abcd'
+        gevent.sleep(0.8)                    # idle and kept open: fine
+        client.request(rid=2, body=b'again')
+        assert client.response(2).body == b'again'
+
+    def test_connection_that_never_sends_is_closed(self, serve, caplog):
+        server = serve(hello_app, read_timeout=0.3)
+        silent = Client(server.address)
+        assert silent.is_closed()
+        assert 'nothing received' in caplog.text
+
+    def test_output_to_a_web_server_that_stops_reading_is_bounded(self,
+                                                                  serve):
+        produced = []
+
+        def app(environ, start_response):
+            start_response('200 OK', [])
+            for _ in range(1600):                    # 100 MB
+                produced.append(1)
+                yield b'x' * 65536
+        server = serve(app)
+        client = Client(server.address)
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        client.request()
+        gevent.sleep(1.0)                            # we read nothing
+        stalled_at = len(produced)
+        assert stalled_at * 65536 < 16 * 1024 * 1024, stalled_at
+        gevent.sleep(0.5)
+        assert len(produced) == stalled_at           # back-pressure holds
+        assert len(client.response().body) == 1600 * 65536
+        assert len(produced) == 1600
+
+    def test_max_conns_leaves_the_rest_in_the_backlog(self, serve):
+        server = serve(hello_app, max_conns=2)
+        first, second = Client(server.address), Client(server.address)
+        for client in (first, second):
+            client.request()
+            assert client.response().status == 200
+        third = Client(server.address)             # connects: the backlog
+        third.request()
+        third.sock.settimeout(0.5)
+        with pytest.raises(socket.timeout):
+            third.read_record()                    # not accepted yet
+        first.close()
+        third.sock.settimeout(5)
+        assert third.response().status == 200
+        assert len(server.connections) <= 2
+
+    def test_max_body_size(self, serve):
+        server = serve(echo_app, max_body_size=1000)
+        assert fetch(server, body=b'x' * 1000).body == b'x' * 1000
+        assert fetch(server, body=b'x' * 1001).status == 413
+        # no CONTENT_LENGTH (a streamed upload): stopped when it passes
+        client = Client(server.address)
+        client.begin(1)
+        client.params(1, {'REQUEST_METHOD': 'POST'})
+        client.stdin(1, b'y' * 800, end=False)
+        client.stdin(1, b'y' * 800)
+        assert client.response(1).status == 413
+        client.request(rid=2, body=b'small')        # the connection goes on
+        assert client.response(2).body == b'small'
+
+    @pytest.mark.skipif(os.geteuid() != 0, reason='mounting needs root')
+    def test_disk_full_while_spooling_fails_that_request(self, tmp_path):
+        tiny = tmp_path / 'tiny'
+        tiny.mkdir()
+        if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=2m', 'tmpfs',
+                           str(tiny)]).returncode:
+            pytest.skip('cannot mount a tmpfs here')
+        port = free_port()
+        proc = None
+        try:
+            proc = start_server_process(
+                ['--bind', '127.0.0.1:%d' % port, '--spool-size', '65536',
+                 'test_gevent_fastcgi:e2e_app'], port,
+                env={'TMPDIR': str(tiny)})
+            big = os.urandom(4 * 1024 * 1024)      # twice the disk
+            client = Client(('127.0.0.1', port))
+            client.request(rid=1, environ={'PATH_INFO': '/echo'}, body=big)
+            response = client.response(1)
+            assert response.status == 500
+            client.request(rid=2, environ={'PATH_INFO': '/echo'},
+                           body=b'small body')
+            assert client.response(2).body == b'small body'
+            assert raw_get(('127.0.0.1', port), '/hello').status == 200
+            client.close()
+            assert stop_process(proc) == 0
+            log = proc.stdout.read().decode()
+            assert 'No space left on device' in log
+        finally:
+            if proc is not None:
+                stop_process(proc, signal.SIGKILL)
+            subprocess.run(['umount', str(tiny)])
+
+    def test_unix_socket_is_not_world_writable_by_default(self, tmp_path):
+        old = os.umask(0)
+        try:
+            server = FastCGIServer(str(tmp_path / 'open.sock'), hello_app)
+        finally:
+            os.umask(old)
+        mode = stat.S_IMODE(os.stat(tmp_path / 'open.sock').st_mode)
+        server.close()
+        assert not mode & 0o002, oct(mode)
+        assert mode == 0o775
+
+    def test_nothing_private_reaches_the_client(self, serve):
+        def app(environ, start_response):
+            raise ValueError('/srv/secret/path %s' % environ['HTTP_SECRET'])
+        response = fetch(serve(app), {'HTTP_SECRET': 's3cr3t'})
+        assert response.status == 500
+        for leak in (b's3cr3t', b'/srv/secret', b'Traceback', b'environ'):
+            assert leak not in response.stdout and leak not in response.stderr
+
+
+@pytest.fixture(scope='module')
+def fuzz_server():
+    server = FastCGIServer(('127.0.0.1', 0), WSGIRequestHandler(echo_app),
+                           read_timeout=1.0)
+    server.start()
+    yield server
+    server.stop(timeout=1)
