@@ -288,13 +288,16 @@ def encode_pairs(pairs) -> bytes:
     return b''.join(parts)
 
 
-def decode_pairs(data: bytes) -> List[Tuple[bytes, bytes]]:
+def decode_pairs(data: bytes, as_text: bool = False) -> List[Tuple]:
     """Decode a complete name-value pair stream.
 
     Each length is read on its own: one byte when the high bit is clear,
     else four bytes with the high bit masked off (section 3.4).  A pair that
-    runs past the end of the stream is a ProtocolError.
+    runs past the end of the stream is a ProtocolError.  ``as_text``: names
+    and values as str, decoded as latin-1 (PEP 3333's native strings); the
+    whole stream is decoded once, and latin-1 keeps every offset.
     """
+    source = data.decode('latin-1') if as_text else data
     pairs = []
     pos = 0
     end = len(data)
@@ -319,7 +322,8 @@ def decode_pairs(data: bytes) -> List[Tuple[bytes, bytes]]:
                     'name-value pair of %d + %d bytes runs %d bytes past the '
                     'end of its stream' % (name_length, value_length,
                                            value_end - end))
-            pairs.append((data[pos:value_start], data[value_start:value_end]))
+            pairs.append((source[pos:value_start],
+                          source[value_start:value_end]))
             pos = value_end
     except (IndexError, struct.error):
         raise ProtocolError('name-value pair stream ends inside a length')
@@ -329,8 +333,7 @@ def decode_pairs(data: bytes) -> List[Tuple[bytes, bytes]]:
 def decode_environ(data: bytes) -> Dict[str, str]:
     """FCGI_PARAMS stream -> CGI environ of native strings (PEP 3333: bytes
     decoded as latin-1, which maps every byte and loses none)."""
-    return {name.decode('latin-1'): value.decode('latin-1')
-            for name, value in decode_pairs(data)}
+    return dict(decode_pairs(data, as_text=True))
 
 
 def encode_begin_request(request_id: int, role: int = FCGI_RESPONDER,
@@ -522,6 +525,10 @@ class InputStream:
             self.received, self._pos, ', ended' if self.eof else '')
 
 
+_NO_INPUT = InputStream()
+_NO_INPUT.feed_eof()
+
+
 class OutputStream:
     """A request's FCGI_STDOUT or FCGI_STDERR stream, as a write-only file.
 
@@ -663,12 +670,12 @@ class Request:
         self.role = role
         self.keep_conn = keep_conn
         self.environ: Dict[str, str] = {}
-        self.stdin = InputStream(server.spool_size)
-        self.data = InputStream(server.spool_size)
-        if role != FCGI_FILTER:
-            self.data.feed_eof()
-        if role == FCGI_AUTHORIZER:
-            self.stdin.feed_eof()       # section 6.3: an authorizer gets no body
+        # An authorizer gets no body (section 6.3), only a filter gets DATA:
+        # those streams are the one empty stream all requests share.
+        self.stdin = (_NO_INPUT if role == FCGI_AUTHORIZER
+                      else InputStream(server.spool_size))
+        self.data = (InputStream(server.spool_size) if role == FCGI_FILTER
+                     else _NO_INPUT)
         self.stdout = OutputStream(self, FCGI_STDOUT)
         self.stderr = OutputStream(self, FCGI_STDERR)
         self.greenlet = None            # runs the handler once PARAMS ended
@@ -703,8 +710,12 @@ class Connection:
     the class.
     """
 
-    #: bytes asked of each recv(); large enough for a 64 KB record in one go
-    recv_size = 256 * 1024
+    #: bytes asked of each recv(), into one buffer the process shares: no
+    #: switch to another greenlet can come between a recv_into() and the
+    #: copy of what it received, and a buffer per connection would cost
+    #: 64 KB per idle connection
+    recv_size = 64 * 1024
+    _recv_buffer = None
     #: seconds to wait for the web server to close after we shut down our side
     linger_timeout = 5.0
 
@@ -750,8 +761,11 @@ class Connection:
     def run(self) -> None:
         parser = RecordParser()
         sock = self.socket
-        recv = sock.recv
-        recv_size = self.recv_size
+        recv_into = sock.recv_into
+        cls = type(self)
+        if cls._recv_buffer is None or len(cls._recv_buffer) != self.recv_size:
+            cls._recv_buffer = memoryview(bytearray(self.recv_size))
+        buffer = cls._recv_buffer
         handlers = self.record_handlers
         read_timeout = self.server.read_timeout
         timeout = None
@@ -766,7 +780,7 @@ class Connection:
                         sock.settimeout(wanted)
                         timeout = wanted
                 try:
-                    data = recv(recv_size)
+                    data = buffer[:recv_into(buffer)].tobytes()
                 except TimeoutError:
                     if self.owes_input(parser):
                         raise
@@ -1035,7 +1049,11 @@ class Connection:
         flags = _MSG_MORE if more and self.peer else 0
         try:
             with self._send_lock:
-                self.socket.sendall(data, flags)
+                # One send() usually takes it all; gevent's sendall() would
+                # first ask the kernel for SO_SNDBUF, a syscall per call.
+                sent = self.socket.send(data, flags)
+                if sent < len(data):
+                    self.socket.sendall(memoryview(data)[sent:], flags)
         except OSError as exc:
             if not self.closed:
                 logger.info('%s: connection lost while sending: %s',
@@ -1598,6 +1616,25 @@ def create_listener(address, backlog: int = 128, socket_mode=None):
     return sock
 
 
+def pin_malloc_mmap_threshold() -> None:
+    """On glibc, allocations of 128 KB and more always get pages of their
+    own, handed back to the system when freed.  glibc otherwise raises
+    that threshold each time such a block is freed, after which request
+    bodies of every size are carved from the heap, and the workers' memory
+    creeps up with fragmentation (measured under bench/soak.py).  An
+    operator's own MALLOC_MMAP_THRESHOLD_ is left alone."""
+    if 'MALLOC_MMAP_THRESHOLD_' in os.environ:
+        return
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None)
+        if hasattr(libc, 'gnu_get_libc_version'):       # glibc only
+            M_MMAP_THRESHOLD = -3
+            libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+    except (OSError, AttributeError):
+        pass
+
+
 def _is_socket(obj) -> bool:
     return hasattr(obj, 'accept') and hasattr(obj, 'getsockname')
 
@@ -1910,6 +1947,7 @@ class FastCGIServer(StreamServer):
         WORKER_BOOT_ERROR when workers could not load the application).
         In the main thread, SIGTERM and SIGINT stop gracefully (requests in
         flight finish, up to stop_timeout) and SIGQUIT stops at once."""
+        pin_malloc_mmap_threshold()
         if self.uses_master:
             return Arbiter(self).run()
         if isinstance(self.request_handler, AppLoader):

@@ -1961,6 +1961,9 @@ class TestPrefork:
                                      '--workers', '2',
                                      'test_gevent_fastcgi:e2e_app'], port)
         try:
+            # the workers import the app themselves: wait until one serves
+            assert raw_get(('127.0.0.1', port), '/hello', timeout=10
+                           ).status == 200
             result = {}
 
             def slow():

@@ -1,0 +1,683 @@
+"""Benchmark gevent_fastcgi against its peers, in the same run.
+
+    python3 bench/bench.py                    # everything, 3 rounds
+    python3 bench/bench.py --rounds 5 --duration 10 --only hello-c50
+
+nginx (one worker) is in front and wrk is the client, all on loopback.  The
+same WSGI application (bench_app.py) runs behind each backend in turn:
+
+  ours        gevent_fastcgi (this repository's copy)
+  original    the original gevent-fastcgi 1.1.0.0 from PyPI (C speedups)
+  flup        flup 1.0.3 (threads)
+  uwsgi       uWSGI 2.0 with --fastcgi-socket and --gevent
+  gunicorn    gunicorn with the gevent worker, behind nginx proxy_pass (HTTP)
+  libfcgi     a hello-world C program on libfcgi under spawn-fcgi: the cost
+              of the protocol itself (hello workloads only; one connection
+              per request, as libfcgi serves one connection at a time)
+
+The peers go into a virtual environment of their own (bench/.peers), made by
+this script on first use; the C program is built in bench/.build.  Debian
+packages needed: nginx-light wrk haproxy spawn-fcgi libfcgi-dev gcc
+(--install-debs installs them).
+
+Each round runs every backend, alternating, and each workload for --duration
+seconds; the report gives medians over rounds of requests per second, the
+backend's CPU time per request (user + system of all its processes, from
+/proc before and after the run, divided by the requests served) and wrk's
+median latency.  On a small machine nginx and wrk share the cores with the
+backend, so requests per second are capped by the front end: CPU per
+request is the figure that says how much work a backend does.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+PEERS = os.path.join(HERE, '.peers')
+BUILD = os.path.join(HERE, '.build')
+PEER_PACKAGES = ['uwsgi>=2.0,<2.1', 'gevent-fastcgi==1.1.0.0', 'flup==1.0.3',
+                 'gunicorn', 'gevent']
+DEBS = ['nginx-light', 'wrk', 'haproxy', 'spawn-fcgi', 'libfcgi-dev', 'gcc']
+TICK = os.sysconf('SC_CLK_TCK')
+
+LIBFCGI_HELLO = r"""
+#include <fcgiapp.h>
+int main(void) {
+    FCGX_Request request;
+    FCGX_Init();
+    FCGX_InitRequest(&request, 0, 0);
+    while (FCGX_Accept_r(&request) >= 0) {
+        FCGX_PutS("Status: 200 OK\r\nContent-Type: text/plain\r\n"
+                  "Content-Length: 12\r\n\r\nHello, World", request.out);
+        FCGX_Finish_r(&request);
+    }
+    return 0;
+}
+"""
+
+# -- setting up ---------------------------------------------------------------
+
+
+def peer(name):
+    return os.path.join(PEERS, 'bin', name)
+
+
+def setup(install_debs):
+    missing = [tool for tool in ('nginx', 'wrk', 'haproxy', 'spawn-fcgi',
+                                 'gcc') if not which(tool)]
+    if missing or not os.path.exists('/usr/include/fcgiapp.h'):
+        if not install_debs:
+            raise SystemExit('missing %s: run with --install-debs, or: '
+                             'apt-get install -y %s'
+                             % (', '.join(missing) or 'libfcgi-dev',
+                                ' '.join(DEBS)))
+        subprocess.run(['apt-get', 'update', '-qq'], check=True)
+        subprocess.run(['apt-get', 'install', '-y', '-qq'] + DEBS, check=True)
+        for service in ('nginx', 'haproxy'):
+            subprocess.run(['service', service, 'stop'],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if not os.path.exists(peer('uwsgi')):
+        print('installing the peers into %s ...' % PEERS, flush=True)
+        subprocess.run([sys.executable, '-m', 'venv', PEERS], check=True)
+        subprocess.run([peer('pip'), 'install', '-q',
+                        '--disable-pip-version-check'] + PEER_PACKAGES,
+                       check=True)
+    binary = os.path.join(BUILD, 'hello_fcgi')
+    if not os.path.exists(binary):
+        os.makedirs(BUILD, exist_ok=True)
+        source = os.path.join(BUILD, 'hello_fcgi.c')
+        with open(source, 'w') as f:
+            f.write(LIBFCGI_HELLO)
+        subprocess.run(['gcc', '-O2', '-o', binary, source, '-lfcgi'],
+                       check=True)
+
+
+def which(tool):
+    return shutil.which(tool) or (os.path.exists('/usr/sbin/' + tool)
+                                  and '/usr/sbin/' + tool)
+
+
+def versions():
+    out = subprocess.run([peer('pip'), 'list', '--format', 'json'],
+                         capture_output=True, text=True).stdout
+    pkgs = {p['name'].lower(): p['version'] for p in json.loads(out)}
+    import gevent
+    sys.path.insert(0, ROOT)
+    import gevent_fastcgi
+    nginx = subprocess.run([which('nginx'), '-v'], capture_output=True,
+                           text=True).stderr.strip()
+    return {'ours': gevent_fastcgi.__version__, 'gevent': gevent.__version__,
+            'original': pkgs.get('gevent-fastcgi'), 'flup': pkgs.get('flup'),
+            'uwsgi': pkgs.get('uwsgi'), 'gunicorn': pkgs.get('gunicorn'),
+            'nginx': nginx, 'python': sys.version.split()[0]}
+
+
+# -- backends -----------------------------------------------------------------
+
+ORIGINAL = """
+import sys
+from gevent_fastcgi.server import FastCGIServer
+from gevent_fastcgi.wsgi import WSGIRequestHandler
+from bench_app import app
+FastCGIServer(('127.0.0.1', int(sys.argv[1])), WSGIRequestHandler(app),
+              max_conns=4096, max_reqs=4096).serve_forever()
+"""
+
+FLUP = """
+import sys
+from flup.server.fcgi import WSGIServer
+from bench_app import app
+WSGIServer(app, bindAddress=('127.0.0.1', int(sys.argv[1])),
+           maxThreads=600).run()
+"""
+
+
+def backend_command(name, port, workers):
+    """-> (argv, cwd, env, protocol) for one backend."""
+    clean_env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    if name == 'ours':
+        argv = [sys.executable, '-m', 'gevent_fastcgi', '--bind',
+                '127.0.0.1:%d' % port, '--log-level', 'warning',
+                '--max-conns', '4096', '--max-reqs', '4096',
+                '--backlog', '4096', '--chdir', HERE, 'bench_app:app']
+        if workers > 1:
+            argv[3:3] = ['--workers', str(workers)]
+        return argv, ROOT, dict(clean_env, PYTHONPATH=ROOT), 'fastcgi'
+    if name == 'original':
+        # run from bench/, where no gevent_fastcgi.py shadows the package
+        return ([peer('python'), '-c', ORIGINAL, str(port)], HERE, clean_env,
+                'fastcgi')
+    if name == 'flup':
+        return [peer('python'), '-c', FLUP, str(port)], HERE, clean_env, \
+            'fastcgi'
+    if name == 'uwsgi':
+        return ([peer('uwsgi'), '--fastcgi-socket', '127.0.0.1:%d' % port,
+                 '--gevent', '1000', '--wsgi-file', 'bench_app.py',
+                 '--callable', 'app', '--master', '--processes',
+                 str(workers), '--disable-logging', '--die-on-term',
+                 '--listen', '1024'], HERE, clean_env, 'fastcgi')
+    if name == 'gunicorn':
+        return ([peer('gunicorn'), '-k', 'gevent', '-w', str(workers), '-b',
+                 '127.0.0.1:%d' % port, '--worker-connections', '4096',
+                 '--backlog', '2048', '--log-level', 'warning',
+                 'bench_app:app'], HERE, clean_env, 'http')
+    if name == 'libfcgi':
+        return ([which('spawn-fcgi'), '-n', '-a', '127.0.0.1', '-p',
+                 str(port), '-b', '1024', '--',
+                 os.path.join(BUILD, 'hello_fcgi')], HERE, clean_env,
+                'fastcgi-one-per-connection')
+    raise ValueError(name)
+
+
+NGINX_CONF = """
+daemon off;
+worker_processes 1;
+{user}
+pid {dir}/nginx.pid;
+error_log {dir}/error.log error;
+worker_rlimit_nofile 20000;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    fastcgi_temp_path {dir}/fastcgi;
+    proxy_temp_path {dir}/proxy;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    client_max_body_size 0;
+    client_body_buffer_size 2m;
+    upstream backend {{
+        server 127.0.0.1:{backend_port};
+        {keepalive}
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        location / {{
+{location}
+        }}
+    }}
+}}
+"""
+
+FASTCGI_LOCATION = """
+            fastcgi_pass backend;
+            {keep_conn}
+            fastcgi_param REQUEST_METHOD $request_method;
+            fastcgi_param QUERY_STRING $query_string;
+            fastcgi_param CONTENT_TYPE $content_type;
+            fastcgi_param CONTENT_LENGTH $content_length;
+            fastcgi_param SCRIPT_NAME "";
+            fastcgi_param PATH_INFO $uri;
+            fastcgi_param REQUEST_URI $request_uri;
+            fastcgi_param SERVER_PROTOCOL $server_protocol;
+            fastcgi_param SERVER_NAME $server_name;
+            fastcgi_param SERVER_PORT $server_port;
+            fastcgi_param REMOTE_ADDR $remote_addr;
+"""
+
+HTTP_LOCATION = """
+            proxy_pass http://backend;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+"""
+
+HAPROXY_CONF = """
+global
+    pidfile {dir}/haproxy.pid
+    maxconn 8192
+    nbthread 1
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    maxconn 8192
+fcgi-app app
+    docroot /
+    path-info ^()(/.*)$
+    option keep-conn
+    option mpxs-conns
+    option max-reqs 1000
+frontend fe
+    bind 127.0.0.1:{port}
+    default_backend app
+backend app
+    use-fcgi-app app
+    http-reuse always
+    server s1 127.0.0.1:{backend_port} proto fcgi
+"""
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port, proc, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError('exited with status %s' % proc.returncode)
+        try:
+            socket.create_connection(('127.0.0.1', port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError('nothing listens on %d' % port)
+
+
+def process_tree(pid):
+    pids = [pid]
+    for child in pids:
+        try:
+            with open('/proc/%d/task/%d/children' % (child, child)) as f:
+                pids.extend(int(p) for p in f.read().split())
+        except FileNotFoundError:
+            pass
+    return pids
+
+
+def cpu_seconds(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open('/proc/%d/stat' % pid) as f:
+                fields = f.read().rsplit(')', 1)[1].split()
+            total += int(fields[11]) + int(fields[12])   # utime, stime
+        except (FileNotFoundError, IndexError):
+            pass
+    return total / TICK
+
+
+def rss_kb(pid):
+    with open('/proc/%d/status' % pid) as f:
+        for line in f:
+            if line.startswith('VmRSS:'):
+                return int(line.split()[1])
+
+
+class Stack:
+    """A backend and its front end (nginx, or HAProxy), on loopback."""
+
+    def __init__(self, backend, workers=1, front='nginx'):
+        self.dir = tempfile.mkdtemp(prefix='gevent-fastcgi-bench-')
+        os.chmod(self.dir, 0o777)
+        self.backend_port = free_port()
+        self.port = free_port()
+        argv, cwd, env, protocol = backend_command(backend,
+                                                   self.backend_port, workers)
+        self.backend = subprocess.Popen(argv, cwd=cwd, env=env,
+                                        stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        wait_for_port(self.backend_port, self.backend)
+        if front == 'haproxy':
+            conf = os.path.join(self.dir, 'haproxy.cfg')
+            with open(conf, 'w') as f:
+                f.write(HAPROXY_CONF.format(dir=self.dir, port=self.port,
+                                            backend_port=self.backend_port))
+            self.front = subprocess.Popen([which('haproxy'), '-f', conf,
+                                           '-db'], stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL)
+        else:
+            if protocol == 'http':
+                location, keepalive = HTTP_LOCATION, 'keepalive 64;'
+            elif protocol == 'fastcgi':
+                location = FASTCGI_LOCATION.format(
+                    keep_conn='fastcgi_keep_conn on;')
+                keepalive = 'keepalive 64;'
+            else:
+                location, keepalive = FASTCGI_LOCATION.format(keep_conn=''), ''
+            conf = os.path.join(self.dir, 'nginx.conf')
+            with open(conf, 'w') as f:
+                f.write(NGINX_CONF.format(
+                    dir=self.dir, port=self.port, location=location,
+                    backend_port=self.backend_port, keepalive=keepalive,
+                    user='user nobody nogroup;' if os.geteuid() == 0 else ''))
+            self.front = subprocess.Popen([which('nginx'), '-p', self.dir,
+                                           '-c', conf])
+        wait_for_port(self.port, self.front)
+        time.sleep(0.5)             # let workers finish starting
+
+    def stop(self):
+        for proc in (self.front, self.backend):
+            proc.send_signal(signal.SIGTERM)
+        for proc in (self.front, self.backend):
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# -- workloads ----------------------------------------------------------------
+
+UPLOAD_LUA = """
+wrk.method = "POST"
+wrk.body = string.rep("x", 1048576)
+wrk.headers["Content-Type"] = "application/octet-stream"
+"""
+
+# name: (path, connections, wrk threads, lua script, backends, workers,
+#        front end)
+PYTHON = ['ours', 'original', 'flup', 'uwsgi', 'gunicorn']
+WORKLOADS = {
+    'hello-c1': ('/hello', 1, 1, None, PYTHON + ['libfcgi'], 1, 'nginx'),
+    'hello-c50': ('/hello', 50, 2, None, PYTHON + ['libfcgi'], 1, 'nginx'),
+    '64k-c20': ('/64k', 20, 2, None, PYTHON, 1, 'nginx'),
+    '1m-c10': ('/1m', 10, 2, None, PYTHON, 1, 'nginx'),
+    'upload1m-c10': ('/upload', 10, 2, UPLOAD_LUA, PYTHON, 1, 'nginx'),
+    'sleep100ms-c500': ('/sleep', 500, 2, None,
+                        ['ours', 'original', 'uwsgi', 'gunicorn'], 1,
+                        'nginx'),
+    'hello-c50-2workers': ('/hello', 50, 2, None,
+                           ['ours', 'uwsgi', 'gunicorn'], 2, 'nginx'),
+    'hello-c50-haproxy-mpx': ('/hello', 50, 2, None, ['ours'], 1,
+                              'haproxy'),
+}
+
+
+def parse_wrk(text):
+    def number(pattern, default=0.0):
+        match = re.search(pattern, text)
+        return float(match.group(1)) if match else default
+    latency = re.search(r'50%\s+([\d.]+)(us|ms|s)\b', text)
+    median = None
+    if latency:
+        median = float(latency.group(1)) * {'us': 1, 'ms': 1e3,
+                                            's': 1e6}[latency.group(2)]
+    errors = sum(int(n) for n in re.findall(
+        r'(?:connect|read|write|timeout) (\d+)', text))
+    return {'requests': int(number(r'(\d+) requests in')),
+            'rps': number(r'Requests/sec:\s+([\d.]+)'),
+            'p50_us': median,
+            'non2xx': int(number(r'Non-2xx or 3xx responses: (\d+)')),
+            'socket_errors': errors}
+
+
+def run_wrk(port, path, connections, threads, lua, duration):
+    argv = [which('wrk'), '-t%d' % threads, '-c%d' % connections,
+            '-d%ds' % duration, '--latency', '--timeout', '10s']
+    if lua:
+        script = os.path.join(tempfile.gettempdir(), 'bench-upload.lua')
+        with open(script, 'w') as f:
+            f.write(lua)
+        argv += ['-s', script]
+    argv.append('http://127.0.0.1:%d%s' % (port, path))
+    return subprocess.run(argv, capture_output=True, text=True).stdout
+
+
+def measure(stack, workload, duration):
+    path, connections, threads, lua, _, _, _ = WORKLOADS[workload]
+    run_wrk(stack.port, path, connections, threads, lua, 1)       # warm up
+    pids = process_tree(stack.backend.pid)
+    before = cpu_seconds(pids)
+    result = parse_wrk(run_wrk(stack.port, path, connections, threads, lua,
+                               duration))
+    used = cpu_seconds(pids) - before
+    result['cpu_us_per_request'] = (used / result['requests'] * 1e6
+                                    if result['requests'] else None)
+    return result
+
+
+# -- memory ------------------------------------------------------------------
+
+def memory_ours():
+    """RSS per idle kept-open connection (10,000 of them), and the peak RSS
+    growth while one 100 MB upload streams in."""
+    sys.path.insert(0, ROOT)
+    import gevent_fastcgi as fcgi
+    port = free_port()
+    argv, cwd, env, _ = backend_command('ours', port, 1)
+    proc = subprocess.Popen(argv, cwd=cwd, env=env)
+    wait_for_port(port, proc)
+    request = (fcgi.encode_begin_request(1, keep_conn=True)
+               + fcgi.encode_records(fcgi.FCGI_PARAMS, 1, fcgi.encode_pairs(
+                   {'REQUEST_METHOD': 'GET', 'PATH_INFO': '/hello'}))
+               + fcgi.encode_records(fcgi.FCGI_PARAMS, 1)
+               + fcgi.encode_records(fcgi.FCGI_STDIN, 1))
+    results = {}
+    try:
+        time.sleep(0.5)
+        base = rss_kb(proc.pid)
+        conns = []
+        for _ in range(10000):
+            sock = socket.create_connection(('127.0.0.1', port))
+            sock.sendall(request)
+            parser = fcgi.RecordParser()
+            while not any(r.type == fcgi.FCGI_END_REQUEST
+                          for r in parser.feed(sock.recv(65536))):
+                pass
+            conns.append(sock)
+        time.sleep(1.0)
+        with_conns = rss_kb(proc.pid)
+        results['idle_connections'] = 10000
+        results['rss_per_idle_connection_kb'] = (with_conns - base) / 10000
+        for sock in conns:
+            sock.close()
+        time.sleep(1.0)
+        # one 100 MB upload, sampled every 5 ms
+        base = rss_kb(proc.pid)
+        peak = [base]
+        done = threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], rss_kb(proc.pid))
+                time.sleep(0.005)
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        size = 100 * 1024 * 1024
+        sock = socket.create_connection(('127.0.0.1', port))
+        sock.sendall(fcgi.encode_begin_request(1, keep_conn=True)
+                     + fcgi.encode_records(fcgi.FCGI_PARAMS, 1,
+                                           fcgi.encode_pairs({
+                                               'REQUEST_METHOD': 'POST',
+                                               'PATH_INFO': '/upload',
+                                               'CONTENT_LENGTH': str(size)}))
+                     + fcgi.encode_records(fcgi.FCGI_PARAMS, 1))
+        chunk = fcgi.encode_records(fcgi.FCGI_STDIN, 1, b'u' * 65535)
+        sent = 0
+        while sent < size:
+            step = min(65535, size - sent)
+            sock.sendall(chunk if step == 65535 else fcgi.encode_records(
+                fcgi.FCGI_STDIN, 1, b'u' * step))
+            sent += step
+        sock.sendall(fcgi.encode_records(fcgi.FCGI_STDIN, 1))
+        parser, body = fcgi.RecordParser(), b''
+        while True:
+            records = parser.feed(sock.recv(65536))
+            body += b''.join(r.content for r in records
+                             if r.type == fcgi.FCGI_STDOUT)
+            if any(r.type == fcgi.FCGI_END_REQUEST for r in records):
+                break
+        done.set()
+        sampler.join()
+        sock.close()
+        assert body.endswith(str(size).encode()), body[-40:]
+        results['upload_mb'] = 100
+        results['upload_peak_rss_growth_kb'] = peak[0] - base
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+    return results
+
+
+# -- report ------------------------------------------------------------------
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize(raw):
+    table = {}
+    for (workload, backend), runs in raw.items():
+        table.setdefault(workload, {})[backend] = {
+            'rps': median(r['rps'] for r in runs),
+            'cpu_us': median(r['cpu_us_per_request'] for r in runs),
+            'p50_us': median(r['p50_us'] for r in runs),
+            'errors': sum(r['non2xx'] + r['socket_errors'] for r in runs),
+            'rounds': len(runs)}
+    return table
+
+
+def ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def targets(table, memory):
+    """The targets of the benchmark issue: (description, value, goal, met)."""
+    checks = []
+
+    def get(workload, backend, key):
+        return table.get(workload, {}).get(backend, {}).get(key)
+
+    def check(name, value, goal, ok):
+        checks.append((name, value, goal, ok))
+
+    hello = 'hello-c50'
+    r = ratio(get(hello, 'ours', 'cpu_us'), get(hello, 'uwsgi', 'cpu_us'))
+    check('hello c50: CPU/request vs uWSGI', r, '<= 0.5', r is not None and
+          r <= 0.5)
+    r = ratio(get(hello, 'ours', 'cpu_us'), get(hello, 'original', 'cpu_us'))
+    check('hello c50: CPU/request vs original', r, '<= 0.35',
+          r is not None and r <= 0.35)
+    r = ratio(get(hello, 'ours', 'rps'), get(hello, 'uwsgi', 'rps'))
+    check('hello c50: requests/s vs uWSGI', r, '>= 2', r is not None and
+          r >= 2)
+    r = ratio(get('hello-c1', 'ours', 'p50_us'),
+              get('hello-c1', 'uwsgi', 'p50_us'))
+    check('hello c1: median latency vs uWSGI', r, '<= 1', r is not None and
+          r <= 1)
+    for workload in ('64k-c20', '1m-c10', 'upload1m-c10'):
+        r = ratio(get(workload, 'ours', 'rps'), get(workload, 'uwsgi', 'rps'))
+        check('%s: throughput vs uWSGI' % workload, r, '>= 1.5',
+              r is not None and r >= 1.5)
+    rps = get('sleep100ms-c500', 'ours', 'rps')
+    errors = get('sleep100ms-c500', 'ours', 'errors')
+    r = ratio(rps, 500 / 0.1)
+    check('100 ms app, 500 clients: of 5000 req/s, errors %s' % errors, r,
+          '>= 0.9, no errors', r is not None and r >= 0.9 and not errors)
+    r = ratio(get('hello-c50-2workers', 'ours', 'rps'), get(hello, 'ours',
+                                                            'rps'))
+    check('2 workers vs 1: requests/s', r, '>= 1.6 (where the front end is '
+          'not the cap)', r is not None and r >= 1.6)
+    if memory:
+        v = memory.get('rss_per_idle_connection_kb')
+        check('RSS per idle connection (KB)', v, '<= 20',
+              v is not None and v <= 20)
+        v = memory.get('upload_peak_rss_growth_kb')
+        check('100 MB upload: peak RSS growth (KB)', v,
+              '<= spool 1024 + 5120', v is not None and v <= 1024 + 5120)
+    return checks
+
+
+def fmt(value, digits=0):
+    if value is None:
+        return '-'
+    return ('%.' + str(digits) + 'f') % value
+
+
+def report(table, checks, info):
+    backends = ['ours', 'original', 'flup', 'uwsgi', 'gunicorn', 'libfcgi']
+    lines = ['requests/s | CPU us per request | median latency us '
+             '(medians of %d rounds)' % info['rounds'], '']
+    header = '%-22s' % 'workload' + ''.join('%-22s' % b for b in backends)
+    lines.append(header)
+    for workload in WORKLOADS:
+        if workload not in table:
+            continue
+        row = '%-22s' % workload
+        for backend in backends:
+            cell = table[workload].get(backend)
+            row += '%-22s' % ('-' if cell is None else '%s|%s|%s%s' % (
+                fmt(cell['rps']), fmt(cell['cpu_us']), fmt(cell['p50_us']),
+                ' E%d' % cell['errors'] if cell['errors'] else ''))
+        lines.append(row)
+    lines += ['', 'targets:']
+    for name, value, goal, ok in checks:
+        lines.append('  %-50s %8s  goal %-28s %s' % (
+            name, fmt(value, 2), goal, 'MET' if ok else 'NOT MET'))
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description='Benchmark gevent_fastcgi against its peers.')
+    parser.add_argument('--rounds', type=int, default=3)
+    parser.add_argument('--duration', type=int, default=8,
+                        help='seconds of each wrk run (default 8)')
+    parser.add_argument('--only', action='append', choices=sorted(WORKLOADS),
+                        help='run only these workloads (repeatable)')
+    parser.add_argument('--backends', help='comma-separated subset')
+    parser.add_argument('--no-memory', action='store_true')
+    parser.add_argument('--install-debs', action='store_true')
+    parser.add_argument('--json', help='write raw results to this file')
+    args = parser.parse_args(argv)
+    setup(args.install_debs)
+    info = {'versions': versions(), 'rounds': args.rounds,
+            'duration': args.duration, 'cpus': os.cpu_count(),
+            'machine': os.uname().machine}
+    print(json.dumps(info), flush=True)
+    workloads = args.only or list(WORKLOADS)
+    wanted = set(args.backends.split(',')) if args.backends else None
+    # (backend, workers, front) -> workloads it runs
+    stacks = {}
+    for workload in workloads:
+        _, _, _, _, backends, workers, front = WORKLOADS[workload]
+        for backend in backends:
+            if wanted is None or backend in wanted:
+                stacks.setdefault((backend, workers, front), []).append(
+                    workload)
+    raw = {}
+    for round_number in range(args.rounds):
+        # alternate the order between rounds, so that no backend always
+        # runs first (or last) on a noisy machine
+        order = sorted(stacks)
+        if round_number % 2:
+            order.reverse()
+        for key in order:
+            backend, workers, front = key
+            stack = Stack(backend, workers, front)
+            try:
+                for workload in stacks[key]:
+                    result = measure(stack, workload, args.duration)
+                    raw.setdefault((workload, backend), []).append(result)
+                    print('round %d %-22s %-9s %s' % (
+                        round_number + 1, workload, backend,
+                        json.dumps(result)), flush=True)
+            finally:
+                stack.stop()
+    memory = None if args.no_memory else memory_ours()
+    if memory:
+        print('memory: %s' % json.dumps(memory), flush=True)
+    table = summarize(raw)
+    checks = targets(table, memory)
+    print()
+    print(report(table, checks, info))
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump({'info': info, 'table': table, 'memory': memory,
+                       'targets': checks,
+                       'raw': {'%s %s' % k: v for k, v in raw.items()}}, f,
+                      indent=1)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""The WSGI application every Python backend of bench/bench.py serves.
+
+/hello   12 bytes          /64k, /1m   responses of that size
+/upload  reads the body, answers its length
+/sleep   waits 100 ms (cooperatively under gevent), then hello
+"""
+import time
+
+HELLO = b'Hello, World'
+BODIES = {'/64k': b'x' * 65536, '/1m': b'x' * 1048576}
+
+try:                                    # gevent's sleep where gevent runs
+    from gevent import sleep
+except ImportError:
+    sleep = time.sleep
+
+
+def app(environ, start_response):
+    path = environ.get('PATH_INFO', '/')
+    if path == '/upload':
+        stream = environ['wsgi.input']
+        length = int(environ.get('CONTENT_LENGTH') or 0)
+        received = 0
+        while received < length:
+            chunk = stream.read(min(65536, length - received))
+            if not chunk:
+                break
+            received += len(chunk)
+        body = str(received).encode()
+    elif path == '/sleep':
+        sleep(0.1)
+        body = HELLO
+    else:
+        body = BODIES.get(path, HELLO)
+    start_response('200 OK', [('Content-Type', 'text/plain'),
+                              ('Content-Length', str(len(body)))])
+    return [body]
+
+
+application = app
