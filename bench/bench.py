@@ -47,8 +47,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PEERS = os.path.join(HERE, '.peers')
 BUILD = os.path.join(HERE, '.build')
+# packaging: gunicorn's gevent worker imports it without requiring it
 PEER_PACKAGES = ['uwsgi>=2.0,<2.1', 'gevent-fastcgi==1.1.0.0', 'flup==1.0.3',
-                 'gunicorn', 'gevent']
+                 'gunicorn', 'gevent', 'packaging']
 DEBS = ['nginx-light', 'wrk', 'haproxy', 'spawn-fcgi', 'libfcgi-dev', 'gcc']
 TICK = os.sysconf('SC_CLK_TCK')
 
@@ -88,12 +89,13 @@ def setup(install_debs):
         for service in ('nginx', 'haproxy'):
             subprocess.run(['service', service, 'stop'],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    if not os.path.exists(peer('uwsgi')):
+    if not os.path.exists(os.path.join(PEERS, '.complete')):
         print('installing the peers into %s ...' % PEERS, flush=True)
         subprocess.run([sys.executable, '-m', 'venv', PEERS], check=True)
         subprocess.run([peer('pip'), 'install', '-q',
                         '--disable-pip-version-check'] + PEER_PACKAGES,
                        check=True)
+        open(os.path.join(PEERS, '.complete'), 'w').close()
     binary = os.path.join(BUILD, 'hello_fcgi')
     if not os.path.exists(binary):
         os.makedirs(BUILD, exist_ok=True)
@@ -527,12 +529,18 @@ def median(values):
 def summarize(raw):
     table = {}
     for (workload, backend), runs in raw.items():
-        table.setdefault(workload, {})[backend] = {
-            'rps': median(r['rps'] for r in runs),
-            'cpu_us': median(r['cpu_us_per_request'] for r in runs),
-            'p50_us': median(r['p50_us'] for r in runs),
-            'errors': sum(r['non2xx'] + r['socket_errors'] for r in runs),
-            'rounds': len(runs)}
+        errors = sum(r['non2xx'] + r['socket_errors'] for r in runs)
+        requests = sum(r['requests'] for r in runs)
+        cell = {'rps': median(r['rps'] for r in runs),
+                'cpu_us': median(r['cpu_us_per_request'] for r in runs),
+                'p50_us': median(r['p50_us'] for r in runs),
+                'errors': errors, 'requests': requests,
+                'rounds': len(runs),
+                # a backend that fails most requests has no speed to speak of
+                'failed': requests == 0 or errors * 2 > requests}
+        if cell['failed']:
+            cell['rps'] = cell['cpu_us'] = cell['p50_us'] = None
+        table.setdefault(workload, {})[backend] = cell
     return table
 
 
@@ -605,14 +613,22 @@ def report(table, checks, info):
         row = '%-22s' % workload
         for backend in backends:
             cell = table[workload].get(backend)
-            row += '%-22s' % ('-' if cell is None else '%s|%s|%s%s' % (
-                fmt(cell['rps']), fmt(cell['cpu_us']), fmt(cell['p50_us']),
-                ' E%d' % cell['errors'] if cell['errors'] else ''))
+            if cell is None:
+                text = '-'
+            elif cell['failed']:
+                text = 'failed (%d errors)' % cell['errors']
+            else:
+                text = '%s|%s|%s%s' % (
+                    fmt(cell['rps']), fmt(cell['cpu_us']),
+                    fmt(cell['p50_us']),
+                    ' E%d' % cell['errors'] if cell['errors'] else '')
+            row += '%-22s' % text
         lines.append(row)
     lines += ['', 'targets:']
     for name, value, goal, ok in checks:
         lines.append('  %-50s %8s  goal %-28s %s' % (
-            name, fmt(value, 2), goal, 'MET' if ok else 'NOT MET'))
+            name, fmt(value, 2), goal, 'MET' if ok else
+            'not measurable' if value is None else 'NOT MET'))
     return '\n'.join(lines)
 
 
