@@ -210,6 +210,11 @@ class RecordParser:
         return len(self._buffer)
 
     def feed(self, data: bytes) -> List[Record]:
+        return [Record._make(record) for record in self.feed_tuples(data)]
+
+    def feed_tuples(self, data: bytes) -> List[Tuple[int, int, bytes]]:
+        """feed(), returning plain (type, request_id, content) tuples: what
+        the connection uses, as it unpacks them at once."""
         if not data:
             self._eof = True
             if self._buffer:
@@ -235,8 +240,8 @@ class RecordParser:
             content_end = pos + FCGI_HEADER_LEN + length
             if content_end + padding > end:
                 break
-            append(Record(rtype, request_id,
-                          data[pos + FCGI_HEADER_LEN:content_end]))
+            append((rtype, request_id,
+                    data[pos + FCGI_HEADER_LEN:content_end]))
             pos = content_end + padding
         self._buffer = data[pos:] if pos < end else b''
         return records
@@ -394,6 +399,9 @@ class InputStream:
     Supports ``read``, ``readline``, ``readlines`` and iteration over lines.
     A read returns fewer bytes than asked only at the end of the stream.
     """
+
+    __slots__ = ('spool_size', 'eof', 'received', '_file', '_pos', '_error',
+                 '_waiter')
 
     def __init__(self, spool_size: int = DEFAULT_SPOOL_SIZE) -> None:
         self.spool_size = spool_size
@@ -661,6 +669,11 @@ class Request:
     id, keep_conn, connection, server
     """
 
+    __slots__ = ('connection', 'server', 'id', 'role', 'keep_conn', 'environ',
+                 '_stdin', 'data', 'stdout', '_stderr', 'greenlet', 'started',
+                 'ended', 'status', 'body_size', 'params_done', '_params',
+                 '_params_size', '__weakref__')
+
     def __init__(self, connection: 'Connection', request_id: int, role: int,
                  keep_conn: bool) -> None:
         server = connection.server
@@ -671,13 +684,14 @@ class Request:
         self.keep_conn = keep_conn
         self.environ: Dict[str, str] = {}
         # An authorizer gets no body (section 6.3), only a filter gets DATA:
-        # those streams are the one empty stream all requests share.
-        self.stdin = (_NO_INPUT if role == FCGI_AUTHORIZER
-                      else InputStream(server.spool_size))
+        # those streams are the one empty stream all requests share.  Other
+        # streams are made when first used (most requests have no body and
+        # write nothing to stderr).
+        self._stdin = _NO_INPUT if role == FCGI_AUTHORIZER else None
         self.data = (InputStream(server.spool_size) if role == FCGI_FILTER
                      else _NO_INPUT)
         self.stdout = OutputStream(self, FCGI_STDOUT)
-        self.stderr = OutputStream(self, FCGI_STDERR)
+        self._stderr = None
         self.greenlet = None            # runs the handler once PARAMS ended
         self.started = False            # the handler has begun to run
         self.status = None              # HTTP status, for the access log
@@ -686,6 +700,20 @@ class Request:
         self.params_done = False
         self._params: List[bytes] = []
         self._params_size = 0
+
+    @property
+    def stdin(self) -> InputStream:
+        stream = self._stdin
+        if stream is None:
+            stream = self._stdin = InputStream(self.server.spool_size)
+        return stream
+
+    @property
+    def stderr(self) -> 'OutputStream':
+        stream = self._stderr
+        if stream is None:
+            stream = self._stderr = OutputStream(self, FCGI_STDERR)
+        return stream
 
     @property
     def input_complete(self) -> bool:
@@ -760,12 +788,23 @@ class Connection:
 
     def run(self) -> None:
         parser = RecordParser()
+        feed = parser.feed_tuples
         sock = self.socket
         recv_into = sock.recv_into
         cls = type(self)
         if cls._recv_buffer is None or len(cls._recv_buffer) != self.recv_size:
             cls._recv_buffer = memoryview(bytearray(self.recv_size))
         buffer = cls._recv_buffer
+        recv_size = self.recv_size
+        # Web servers send a request and wait for its answer: after a read
+        # that emptied the socket, the next read would fail (EAGAIN, an
+        # exception) before gevent waits.  So wait first, then read; read
+        # first only after a read that filled the buffer (an upload).
+        # gevent's socket keeps its wait and watcher private: without them,
+        # plain reads.
+        wait = getattr(sock, '_wait', None)
+        readable = getattr(sock, '_read_event', None)
+        drained = wait is not None and readable is not None
         handlers = self.record_handlers
         read_timeout = self.server.read_timeout
         timeout = None
@@ -780,12 +819,16 @@ class Connection:
                         sock.settimeout(wanted)
                         timeout = wanted
                 try:
-                    data = buffer[:recv_into(buffer)].tobytes()
+                    if drained:
+                        wait(readable)
+                    received = recv_into(buffer)
                 except TimeoutError:
                     if self.owes_input(parser):
                         raise
                     continue    # what was owed ended meanwhile (answered)
-                for rtype, request_id, content in parser.feed(data):
+                data = buffer[:received].tobytes()
+                drained = readable is not None and received < recv_size
+                for rtype, request_id, content in feed(data):
                     if request_id:
                         handler = handlers.get(rtype)
                         if handler is not None:
@@ -898,11 +941,16 @@ class Connection:
                 return
         if self.server.script_name is not None:
             mount(environ, self.server.script_name)
-        request.greenlet = gevent.spawn(self.run_request, request)
+        # A raw greenlet: gevent.Greenlet's links and spawn tree cost a
+        # third of the server's time per request (py-spy, bench/bench.py).
+        request.greenlet = gevent.spawn_raw(self.run_request, request)
 
     def on_stdin(self, request_id: int, content: bytes) -> None:
         request = self.requests.get(request_id)
         if request is None or request.role == FCGI_AUTHORIZER:
+            return
+        if not content and request._stdin is None and request.params_done:
+            request._stdin = _NO_INPUT      # no body, and nobody waits for one
             return
         self._feed_input(request, request.stdin, content, 'STDIN')
 
@@ -942,7 +990,7 @@ class Connection:
         self.end_request(request, app_status=1,
                          output=encode_records(FCGI_STDOUT, request_id))
         if request.greenlet is not None:
-            request.greenlet.kill(RequestAborted, block=False)
+            gevent.kill(request.greenlet, RequestAborted)
 
     # -- running requests ---------------------------------------------------
 
@@ -983,7 +1031,7 @@ class Connection:
         if not request.ended:
             output = (request.stdout.take_records()
                       + encode_records(FCGI_STDOUT, request.id))
-            if request.stderr.bytes_written:
+            if request._stderr is not None and request._stderr.bytes_written:
                 output += (request.stderr.take_records()
                            + encode_records(FCGI_STDERR, request.id))
             try:
@@ -1006,13 +1054,14 @@ class Connection:
         self.end_request(request, 1, output=(
             output + encode_records(FCGI_STDOUT, request.id)))
         if request.greenlet is not None:
-            request.greenlet.kill(RequestAborted, block=False)
+            gevent.kill(request.greenlet, RequestAborted)
 
     def _forget(self, request: Request) -> None:
         request.ended = True
         if self.requests.pop(request.id, None) is not None:
             self.server.active_requests -= 1
-        request.stdin.close()
+        if request._stdin is not None:
+            request._stdin.close()
         request.data.close()
 
     def end_request(self, request: Request, app_status: int = 0,
@@ -1090,7 +1139,7 @@ class Connection:
         for request in list(self.requests.values()):
             self._forget(request)
             if request.greenlet is not None and request.greenlet is not current:
-                request.greenlet.kill(RequestAborted, block=False)
+                gevent.kill(request.greenlet, RequestAborted)
         self.socket.close()
         self.server.connections.discard(self)
 
@@ -1193,6 +1242,16 @@ _HEADER_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _HEADER_VALUE_BAD_RE = re.compile(r'[\x00-\x08\x0a-\x1f\x7f]')
 _HTTPS_ON = frozenset(('on', '1', 'yes', 'true'))
 
+# Statuses and header names that passed the checks: applications send the
+# same few again and again.  Bounded, so that odd ones cannot grow them.
+_CHECKED_STATUSES = set()
+_CHECKED_NAMES = set()
+
+
+def _remember_checked(checked: set, text: str) -> None:
+    if len(checked) < 1000:
+        checked.add(text)
+
 
 class FileWrapper:
     """``wsgi.file_wrapper``: iterates a file in blocks.  The driver sends a
@@ -1218,21 +1277,21 @@ class ErrorStream:
     """``wsgi.errors``: a text stream (PEP 3333) sent on FCGI_STDERR, which
     lands in the web server's error log."""
 
-    __slots__ = ('_stream',)
+    __slots__ = ('_request',)
 
-    def __init__(self, stream: OutputStream) -> None:
-        self._stream = stream
+    def __init__(self, request: Request) -> None:
+        self._request = request
 
     def write(self, text) -> int:
-        self._stream.write(text)
+        self._request.stderr.write(text)
         return len(text)
 
     def writelines(self, lines) -> None:
         for line in lines:
-            self._stream.write(line)
+            self._request.stderr.write(line)
 
     def flush(self) -> None:
-        self._stream.flush()
+        self._request.stderr.flush()
 
 
 def _wsgi_url_scheme(environ: Dict[str, str]) -> str:
@@ -1241,6 +1300,17 @@ def _wsgi_url_scheme(environ: Dict[str, str]) -> str:
             or environ.get('REQUEST_SCHEME', '').lower() == 'https'):
         return 'https'
     return 'http'
+
+
+_WSGI_CONSTANTS = {
+    'wsgi.version': (1, 0),
+    # Greenlets run requests concurrently in one process: for the
+    # application that is what threads would be.
+    'wsgi.multithread': True,
+    'wsgi.run_once': False,
+    'wsgi.file_wrapper': FileWrapper,
+    'wsgi.input_terminated': True,
+}
 
 
 class WSGIRequestHandler:
@@ -1275,22 +1345,15 @@ class WSGIRequestHandler:
             environ['SERVER_NAME'] = 'localhost'
         if 'SERVER_PORT' not in environ:
             environ['SERVER_PORT'] = '80'
-        environ.update({
-            'wsgi.version': (1, 0),
-            'wsgi.url_scheme': _wsgi_url_scheme(environ),
-            'wsgi.input': request.stdin,
-            'wsgi.errors': ErrorStream(request.stderr),
-            # Greenlets run requests concurrently in one process: for the
-            # application that is what threads would be.
-            'wsgi.multithread': True,
-            'wsgi.multiprocess': request.server.num_workers > 1,
-            'wsgi.run_once': False,
-            'wsgi.file_wrapper': FileWrapper,
-            'wsgi.input_terminated': True,
-            'fastcgi.role': ROLE_NAMES.get(request.role, str(request.role)),
-            'fastcgi.data': request.data,
-            'fastcgi.request': request,
-        })
+        environ.update(_WSGI_CONSTANTS)
+        environ['wsgi.url_scheme'] = _wsgi_url_scheme(environ)
+        environ['wsgi.input'] = request.stdin
+        environ['wsgi.errors'] = ErrorStream(request)
+        environ['wsgi.multiprocess'] = request.server.num_workers > 1
+        environ['fastcgi.role'] = ROLE_NAMES.get(request.role,
+                                                 str(request.role))
+        environ['fastcgi.data'] = request.data
+        environ['fastcgi.request'] = request
         return environ
 
     def __call__(self, request: Request) -> int:
@@ -1340,10 +1403,13 @@ class WSGIResponse:
         elif self.status is not None:
             raise AssertionError('start_response() called a second time '
                                  'without exc_info')
-        if type(status) is not str:
-            raise TypeError('status must be str, not %r' % (status,))
-        if not _STATUS_RE.match(status):
-            raise ValueError('status %r is not "NNN Reason"' % (status,))
+        if status not in _CHECKED_STATUSES:
+            if type(status) is not str:
+                raise TypeError('status must be str, not %r' % (status,))
+            if not _STATUS_RE.match(status):
+                raise ValueError('status %r is not "NNN Reason"' % (status,))
+            status.encode('latin-1')     # UnicodeEncodeError if it is not
+            _remember_checked(_CHECKED_STATUSES, status)
         if type(headers) is not list:
             raise TypeError('headers must be a list, not %r' % (headers,))
         has_content_length = False
@@ -1352,17 +1418,22 @@ class WSGIResponse:
                 raise TypeError('header %r is not a (name, value) tuple'
                                 % (header,))
             name, value = header
-            if type(name) is not str or type(value) is not str:
+            if type(value) is not str:
                 raise TypeError('header %r: name and value must be str'
                                 % (header,))
-            if not _HEADER_NAME_RE.match(name):
-                raise ValueError('header name %r is not a valid token' % name)
+            if name not in _CHECKED_NAMES:
+                if type(name) is not str:
+                    raise TypeError('header %r: name and value must be str'
+                                    % (header,))
+                if not _HEADER_NAME_RE.match(name):
+                    raise ValueError('header name %r is not a valid token'
+                                     % name)
+                _remember_checked(_CHECKED_NAMES, name)
             if _HEADER_VALUE_BAD_RE.search(value):
                 raise ValueError('header %s: value %r holds control '
                                  'characters (CR/LF?)' % (name, value))
             if len(name) == 14 and name.lower() == 'content-length':
                 has_content_length = True
-        status.encode('latin-1')     # UnicodeEncodeError if it is not
         self.status = status
         self.headers = headers
         self.has_content_length = has_content_length
@@ -1464,7 +1535,7 @@ class WSGIRefRequestHandler:
 
     def __call__(self, request: Request) -> None:
         handler = _WSGIRefHandler(
-            request.stdin, request.stdout, ErrorStream(request.stderr),
+            request.stdin, request.stdout, ErrorStream(request),
             request.environ, multithread=True,
             multiprocess=request.server.num_workers > 1)
         handler.request = request

@@ -1033,6 +1033,21 @@ class TestWSGIRequestHandler:
         assert response.status == 500
         assert b'evil' not in response.stdout
 
+    def test_checks_hold_for_names_seen_before(self, serve):
+        # a header name accepted once is still no status, and vice versa
+        def app(environ, start_response):
+            if environ['PATH_INFO'] == '/ok':
+                start_response('200 OK', [('Content-Type', 'text/plain')])
+            elif environ['PATH_INFO'] == '/name-as-status':
+                start_response('Content-Type', [])
+            else:
+                start_response('200 OK', [('200 OK', 'x')])
+            return [b'x']
+        server = serve(app)
+        assert fetch(server, {'PATH_INFO': '/ok'}).status == 200
+        assert fetch(server, {'PATH_INFO': '/name-as-status'}).status == 500
+        assert fetch(server, {'PATH_INFO': '/status-as-name'}).status == 500
+
     def test_status_without_reason_phrase_is_accepted(self, serve):
         def app(environ, start_response):
             start_response('299', [('A', 'b')])
