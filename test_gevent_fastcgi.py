@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 import gevent
 import gevent.event
 import gevent.socket
+import greenlet
 import pytest
 from hypothesis import given, settings, HealthCheck
 from hypothesis import strategies as st
@@ -946,6 +947,25 @@ class TestConnection:
                      ).body == b'/app|/x'
         with pytest.raises(ValueError, match='script_name'):
             FastCGIServer(('127.0.0.1', 0), hello_app, script_name='app')
+
+    def test_request_greenlets_are_reused_without_leaking(self, serve):
+        import contextvars
+        user = contextvars.ContextVar('user', default='nobody')
+        seen = []
+
+        def app(environ, start_response):
+            seen.append((id(greenlet.getcurrent()), user.get()))
+            user.set(environ['QUERY_STRING'])
+            start_response('200 OK', [])
+            return [b'ok']
+        server = serve(app)
+        client = Client(server.address)
+        for rid, name in ((1, 'alice'), (2, 'bob'), (3, 'carol')):
+            client.request(rid=rid, environ={'QUERY_STRING': name})
+            assert client.response(rid).status == 200
+        # one greenlet served all three, and none saw another's context
+        assert len({greenlet_id for greenlet_id, _ in seen}) == 1
+        assert [value for _, value in seen] == ['nobody'] * 3
 
     def test_small_response_leaves_in_one_send(self, serve, monkeypatch):
         sends = []
