@@ -2828,6 +2828,33 @@ class TestProcessModel:
             nginx.stop()
             assert master.stop() == 0
 
+    def test_worker_killed_under_load(self):
+        """kill -9 of a worker while nginx sends a steady stream: only the
+        requests that worker held may fail, and service goes on."""
+        master = Master('--workers', '2', '--log-level', 'warning')
+        nginx = Nginx('127.0.0.1:%d' % master.port)
+        try:
+            assert master.wait_workers(2)
+            victim = sorted(master.workers())[0]
+            timer = threading.Timer(1.0, os.kill, (victim, signal.SIGKILL))
+            timer.start()
+            results = steady_load(lambda: nginx.request('GET', '/pid'), 3.0)
+            timer.join()
+            failures = [r for r in results
+                        if isinstance(r, Exception) or r[0] != 200]
+            print('killed worker under load: %d requests, %d failed'
+                  % (len(results), len(failures)))
+            # at most the requests in flight on it (4 client threads)
+            assert len(failures) <= 4
+            late = [int(r[2]) for r in results[-20:]
+                    if not isinstance(r, Exception) and r[0] == 200]
+            assert late and victim not in late
+            assert master.wait_workers(2)
+            assert victim not in master.workers()
+        finally:
+            nginx.stop()
+            assert master.stop() == 0
+
     def test_blocked_worker_is_killed_and_replaced(self):
         master = Master('--workers', '1', '--timeout', '1')
         try:

@@ -445,6 +445,8 @@ def memory_ours():
     import gevent_fastcgi as fcgi
     port = free_port()
     argv, cwd, env, _ = backend_command('ours', port, 1)
+    # room for all 10,000 connections at once (the default is 1,024)
+    argv[argv.index('--max-conns') + 1] = '20000'
     proc = subprocess.Popen(argv, cwd=cwd, env=env)
     wait_for_port(port, proc)
     request = (fcgi.encode_begin_request(1, keep_conn=True)
@@ -643,9 +645,32 @@ def main(argv=None):
     parser.add_argument('--backends', help='comma-separated subset')
     parser.add_argument('--no-memory', action='store_true')
     parser.add_argument('--install-debs', action='store_true')
+    parser.add_argument('--memory-only', action='store_true',
+                        help='only the memory figures of ours')
+    parser.add_argument('--from-log', metavar='FILE',
+                        help='no measuring: the report of the "round" lines '
+                             'an earlier run printed')
     parser.add_argument('--json', help='write raw results to this file')
     args = parser.parse_args(argv)
+    if args.from_log:
+        raw, info = {}, {'rounds': 0}
+        with open(args.from_log) as f:
+            for line in f:
+                match = re.match(r'round (\d+) (\S+)\s+(\S+)\s+(\{.*\})$',
+                                 line.strip())
+                if match:
+                    raw.setdefault((match.group(2), match.group(3)),
+                                   []).append(json.loads(match.group(4)))
+                    info['rounds'] = max(info['rounds'], int(match.group(1)))
+                elif line.startswith('memory: '):
+                    info['memory'] = json.loads(line[len('memory: '):])
+        table = summarize(raw)
+        print(report(table, targets(table, info.get('memory')), info))
+        return 0
     setup(args.install_debs)
+    if args.memory_only:
+        print('memory: %s' % json.dumps(memory_ours()), flush=True)
+        return 0
     info = {'versions': versions(), 'rounds': args.rounds,
             'duration': args.duration, 'cpus': os.cpu_count(),
             'machine': os.uname().machine}
