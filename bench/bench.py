@@ -44,6 +44,9 @@ import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from common import (free_port, process_tree, rss_kb, wait_for_port,
+                    which)  # noqa: E402
 ROOT = os.path.dirname(HERE)
 PEERS = os.path.join(HERE, '.peers')
 BUILD = os.path.join(HERE, '.build')
@@ -106,9 +109,7 @@ def setup(install_debs):
                        check=True)
 
 
-def which(tool):
-    return shutil.which(tool) or (os.path.exists('/usr/sbin/' + tool)
-                                  and '/usr/sbin/' + tool)
+
 
 
 def versions():
@@ -263,34 +264,13 @@ backend app
 """
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
 
 
-def wait_for_port(port, proc, timeout=30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError('exited with status %s' % proc.returncode)
-        try:
-            socket.create_connection(('127.0.0.1', port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError('nothing listens on %d' % port)
 
 
-def process_tree(pid):
-    pids = [pid]
-    for child in pids:
-        try:
-            with open('/proc/%d/task/%d/children' % (child, child)) as f:
-                pids.extend(int(p) for p in f.read().split())
-        except FileNotFoundError:
-            pass
-    return pids
+
+
+
 
 
 def cpu_seconds(pids):
@@ -305,11 +285,7 @@ def cpu_seconds(pids):
     return total / TICK
 
 
-def rss_kb(pid):
-    with open('/proc/%d/status' % pid) as f:
-        for line in f:
-            if line.startswith('VmRSS:'):
-                return int(line.split()[1])
+
 
 
 class Stack:

@@ -34,6 +34,8 @@ import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from common import (children, free_port, rss_kb, wait_for_port)  # noqa: E402
 ROOT = os.path.dirname(HERE)
 BLOCK = bytes(range(256)) * 4096                # 1 MiB
 
@@ -99,40 +101,16 @@ http {{
 """
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
 
 
-def wait_for_port(port, timeout=15):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(('127.0.0.1', port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit('nothing listens on port %d' % port)
 
 
-def children(pid):
-    try:
-        with open('/proc/%d/task/%d/children' % (pid, pid)) as f:
-            return sorted(int(p) for p in f.read().split())
-    except FileNotFoundError:
-        return []
 
 
-def rss_kb(pid):
-    try:
-        with open('/proc/%d/status' % pid) as f:
-            for line in f:
-                if line.startswith('VmRSS:'):
-                    return int(line.split()[1])
-    except FileNotFoundError:
-        return 0
-    return 0
+
+
+
+
 
 
 # -- the load -----------------------------------------------------------------
