@@ -3,6 +3,8 @@
 /hello   12 bytes          /64k, /1m   responses of that size
 /upload  reads the body, answers its length
 /sleep   waits 100 ms (cooperatively under gevent), then hello
+/cpu     about 0.35 ms of pure-Python work, then hello: the backend, not
+         the front end, is then what limits requests per second
 """
 import time
 
@@ -29,6 +31,11 @@ def app(environ, start_response):
         body = str(received).encode()
     elif path == '/sleep':
         sleep(0.1)
+        body = HELLO
+    elif path == '/cpu':
+        total = 0
+        for i in range(12000):
+            total += i * i
         body = HELLO
     else:
         body = BODIES.get(path, HELLO)
