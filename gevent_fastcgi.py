@@ -249,26 +249,36 @@ class RecordParser:
         return records
 
 
-def encode_records(record_type: int, request_id: int, content=b'') -> bytes:
-    """Encode ``content`` as records of one type: the ONE place where output
-    of any size is cut into records of at most 65,535 bytes.
-
-    Empty content gives one empty record, which is how a stream ends
-    (section 3.3).  No padding is added: it is optional and every web
-    server reads unpadded records.
+def encode_record_parts(record_type: int, request_id: int,
+                        content, parts: list) -> list:
+    """Append to ``parts`` the records that carry ``content``, as headers
+    and views of ``content`` (no copy): the ONE place where output of any
+    size is cut into records of at most 65,535 bytes.  Empty content gives
+    one empty record, which is how a stream ends (section 3.3).  No padding
+    is added: it is optional and every web server reads unpadded records.
     """
     length = len(content)
     if length <= FCGI_MAX_CONTENT_LEN:
-        return _HEADER.pack(FCGI_VERSION_1, record_type, request_id,
-                            length, 0) + content
+        parts.append(_HEADER.pack(FCGI_VERSION_1, record_type, request_id,
+                                  length, 0))
+        if length:
+            parts.append(content)
+        return parts
     view = memoryview(content)
-    parts = []
     for offset in range(0, length, FCGI_MAX_CONTENT_LEN):
         chunk = view[offset:offset + FCGI_MAX_CONTENT_LEN]
         parts.append(_HEADER.pack(FCGI_VERSION_1, record_type, request_id,
                                   len(chunk), 0))
         parts.append(chunk)
-    return b''.join(parts)
+    return parts
+
+
+def encode_records(record_type: int, request_id: int, content=b'') -> bytes:
+    """``content`` as records of one type, in one bytes object."""
+    if len(content) <= FCGI_MAX_CONTENT_LEN:
+        return _HEADER.pack(FCGI_VERSION_1, record_type, request_id,
+                            len(content), 0) + content
+    return b''.join(encode_record_parts(record_type, request_id, content, []))
 
 
 def _encode_length(length: int) -> bytes:
@@ -418,6 +428,8 @@ def decode_end_request(content: bytes) -> Tuple[int, int]:
 
 DEFAULT_SPOOL_SIZE = 1024 * 1024
 DEFAULT_FLUSH_SIZE = 64 * 1024
+#: output at least this large is sent without joining it into one buffer
+GATHER_SIZE = 128 * 1024
 
 
 class InputStream:
@@ -610,8 +622,21 @@ class OutputStream:
             self.write(line)
 
     def flush(self) -> None:
-        if self._chunks:
+        chunks = self._chunks
+        if not chunks:
+            return
+        if self._pending < GATHER_SIZE:
             self._request.connection.send(self.take_records())
+            return
+        # Large output: records made of views of what was written, handed
+        # to the kernel in one gather write; joining would copy it twice.
+        parts = []
+        for chunk in chunks:
+            encode_record_parts(self.record_type, self._request.id, chunk,
+                                parts)
+        self._chunks = []
+        self._pending = 0
+        self._request.connection.send_parts(parts)
 
     def take_records(self) -> bytes:
         """What was written and not yet sent, encoded as records; the
@@ -814,6 +839,7 @@ class Request:
 
 
 _MSG_MORE = getattr(_stdlib_socket, 'MSG_MORE', 0)
+_IOV_MAX = 1024     # buffers one sendmsg() may take (Linux's IOV_MAX)
 
 
 class Connection:
@@ -1191,6 +1217,31 @@ class Connection:
                 sent = self.socket.send(data, flags)
                 if sent < len(data):
                     self.socket.sendall(memoryview(data)[sent:], flags)
+        except OSError as exc:
+            if not self.closed:
+                logger.info('%s: connection lost while sending: %s',
+                            self, exc)
+                self.close()
+            raise ConnectionClosed(str(exc)) from None
+
+    def send_parts(self, parts: list) -> None:
+        """Send a list of buffers whole, with gather writes (sendmsg): the
+        kernel copies them, we do not."""
+        if self.closed:
+            raise ConnectionClosed('connection to the web server is closed')
+        views = [memoryview(part).cast('B') for part in parts]
+        try:
+            with self._send_lock:
+                while views:
+                    sent = self.socket.sendmsg(views[:_IOV_MAX])
+                    while sent:
+                        size = views[0].nbytes
+                        if sent >= size:
+                            sent -= size
+                            del views[0]
+                        else:
+                            views[0] = views[0][sent:]
+                            sent = 0
         except OSError as exc:
             if not self.closed:
                 logger.info('%s: connection lost while sending: %s',
