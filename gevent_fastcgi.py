@@ -777,8 +777,8 @@ class Request:
     """
 
     __slots__ = ('connection', 'server', 'id', 'role', 'keep_conn', 'environ',
-                 '_stdin', 'data', 'stdout', '_stderr', 'greenlet', 'started',
-                 'ended', 'status', 'body_size', 'params_done', '_params',
+                 '_stdin', 'data', 'stdout', '_stderr', 'greenlet', 'ended',
+                 'status', 'body_size', 'params_done', '_params',
                  '_params_size', '__weakref__')
 
     def __init__(self, connection: 'Connection', request_id: int, role: int,
@@ -800,7 +800,6 @@ class Request:
         self.stdout = OutputStream(self, FCGI_STDOUT)
         self._stderr = None
         self.greenlet = None            # runs the handler once PARAMS ended
-        self.started = False            # the handler has begun to run
         self.status = None              # HTTP status, for the access log
         self.body_size = None           # body bytes, for the access log
         self.ended = False              # END_REQUEST sent, or connection lost
@@ -1108,7 +1107,6 @@ class Connection:
     def run_request(self, request: Request) -> None:
         """The body of a request's greenlet: run the handler, then end the
         request with whatever it left in its streams."""
-        request.started = True
         app_status = 0
         server = self.server
         started = time.time() if server.access_log else None
