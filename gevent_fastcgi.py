@@ -54,6 +54,7 @@ import threading
 import time
 import traceback
 from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
+from wsgiref.handlers import BaseCGIHandler
 
 import gevent
 import gevent.event
@@ -689,6 +690,13 @@ class OutputStream:
 # We close it ourselves otherwise only on malformed input (one log line) or
 # when the server stops.
 
+def plain_response(status: str, body: bytes) -> bytes:
+    """A CGI response of our own (an error page): status, text body."""
+    return (b'Status: %s\r\nContent-Type: text/plain; charset=utf-8\r\n'
+            b'Content-Length: %d\r\n\r\n' % (status.encode('ascii'),
+                                               len(body)) + body)
+
+
 class RequestGreenlets:
     """Run requests in greenlets that wait for the next request instead of
     dying.
@@ -1155,10 +1163,8 @@ class Connection:
         logger.warning('%s: request %d refused: %s', self, request.id, reason)
         output = b''
         if request.stdout.discard_unsent():
-            body = status.encode('ascii')
-            output = encode_records(FCGI_STDOUT, request.id, (
-                b'Status: ' + body + b'\r\nContent-Type: text/plain\r\n'
-                b'Content-Length: %d\r\n\r\n' % len(body) + body))
+            output = encode_records(FCGI_STDOUT, request.id, plain_response(
+                status, status.encode('ascii')))
         self.end_request(request, 1, output=(
             output + encode_records(FCGI_STDOUT, request.id)))
         if request.greenlet is not None:
@@ -1216,11 +1222,14 @@ class Connection:
                 if sent < len(data):
                     self.socket.sendall(memoryview(data)[sent:], flags)
         except OSError as exc:
-            if not self.closed:
-                logger.info('%s: connection lost while sending: %s',
-                            self, exc)
-                self.close()
-            raise ConnectionClosed(str(exc)) from None
+            raise self._lost(exc) from None
+
+    def _lost(self, exc: OSError) -> ConnectionClosed:
+        """A send failed: the connection is gone; say so once, close it."""
+        if not self.closed:
+            logger.info('%s: connection lost while sending: %s', self, exc)
+            self.close()
+        return ConnectionClosed(str(exc))
 
     def send_parts(self, parts: list) -> None:
         """Send a list of buffers whole, with gather writes (sendmsg): the
@@ -1241,11 +1250,7 @@ class Connection:
                             views[0] = views[0][sent:]
                             sent = 0
         except OSError as exc:
-            if not self.closed:
-                logger.info('%s: connection lost while sending: %s',
-                            self, exc)
-                self.close()
-            raise ConnectionClosed(str(exc)) from None
+            raise self._lost(exc) from None
 
     def close_write(self) -> None:
         """Our side is done (a request without FCGI_KEEP_CONN was answered):
@@ -1362,13 +1367,8 @@ def configure_access_log(target) -> bool:
 
 ERROR_BODY = b'Internal Server Error\n'
 TIMEOUT_BODY = b'Gateway Timeout: the application took too long\n'
-TIMEOUT_RESPONSE = (b'Status: 504 Gateway Timeout\r\n'
-                    b'Content-Type: text/plain; charset=utf-8\r\n'
-                    b'Content-Length: %d\r\n\r\n' % len(TIMEOUT_BODY)
-                    + TIMEOUT_BODY)
-ERROR_RESPONSE = (b'Status: 500 Internal Server Error\r\n'
-                  b'Content-Type: text/plain; charset=utf-8\r\n'
-                  b'Content-Length: %d\r\n\r\n' % len(ERROR_BODY) + ERROR_BODY)
+TIMEOUT_RESPONSE = plain_response('504 Gateway Timeout', TIMEOUT_BODY)
+ERROR_RESPONSE = plain_response('500 Internal Server Error', ERROR_BODY)
 
 # A status is three digits and a reason phrase (the reason may be empty);
 # header names are RFC 9110 tokens; no control characters anywhere, so an
@@ -1642,17 +1642,13 @@ class WSGIResponse:
                      request, exc_info=exc_info)
         if not self.stdout.discard_unsent():
             return      # too late for an error page; the response is cut
+        body = ERROR_BODY
         if debug:
             body = ''.join(traceback.format_exception(*exc_info)).encode(
                 'utf-8', 'backslashreplace')
-            response = (b'Status: 500 Internal Server Error\r\n'
-                        b'Content-Type: text/plain; charset=utf-8\r\n'
-                        b'Content-Length: %d\r\n\r\n' % len(body) + body)
-        else:
-            response = ERROR_RESPONSE
-        self.stdout.write(response)
+        self.stdout.write(plain_response('500 Internal Server Error', body))
         request.status = '500'
-        request.body_size = len(response) - response.index(b'\r\n\r\n') - 4
+        request.body_size = len(body)
 
 
 def _not_bytes(chunk) -> TypeError:
@@ -1679,49 +1675,31 @@ class WSGIRefRequestHandler:
         handler.run(self.app)
 
 
-def _make_wsgiref_handler():
-    # wsgiref is imported only by those who use it.
-    from wsgiref.handlers import BaseCGIHandler
+class _WSGIRefHandler(BaseCGIHandler):
+    # Without this the worker's own environment (secrets included) would be
+    # copied into every request's environ.
+    os_environ = {}
+    wsgi_file_wrapper = FileWrapper
+    _in_headers = False
 
-    class Handler(BaseCGIHandler):
-        # Without this the worker's own environment (secrets included)
-        # would be copied into every request's environ.
-        os_environ = {}
-        wsgi_file_wrapper = FileWrapper
-        _in_headers = False
+    def send_headers(self):
+        self.request.status = self.status[:3]
+        self._in_headers = True
+        try:
+            super().send_headers()
+        finally:
+            self._in_headers = False
 
-        def send_headers(self):
-            self.request.status = self.status[:3]
-            self._in_headers = True
-            try:
-                super().send_headers()
-            finally:
-                self._in_headers = False
+    def _write(self, data):
+        # A HEAD response carries headers only (HAProxy answers 502 to one
+        # with a body).
+        if self._in_headers or self.environ['REQUEST_METHOD'] != 'HEAD':
+            self.stdout.write(data)
 
-        def _write(self, data):
-            # A HEAD response carries headers only (HAProxy answers 502 to
-            # one with a body).
-            if self._in_headers or self.environ['REQUEST_METHOD'] != 'HEAD':
-                self.stdout.write(data)
-
-        def log_exception(self, exc_info):
-            logger.error('%s: application failed on %r',
-                         self.request.connection, self.request,
-                         exc_info=exc_info)
-
-    return Handler
-
-
-class _LazyWSGIRefHandler:
-    cls = None
-
-    def __call__(self, *args, **kwargs):
-        if self.cls is None:
-            self.cls = _make_wsgiref_handler()
-        return self.cls(*args, **kwargs)
-
-
-_WSGIRefHandler = _LazyWSGIRefHandler()
+    def log_exception(self, exc_info):
+        logger.error('%s: application failed on %r',
+                     self.request.connection, self.request,
+                     exc_info=exc_info)
 
 
 # ---------------------------------------------------------------------------
