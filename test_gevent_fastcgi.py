@@ -11,6 +11,7 @@ Run: python -m pytest -q test_gevent_fastcgi.py
 
 import hashlib
 import http.client
+import io
 import json
 import logging
 import os
@@ -333,6 +334,53 @@ class TestRecordCodec:
         assert got == [Record(*r) for r in records]
         parser.feed(b'')
 
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.tuples(st.integers(1, 11), st.integers(0, 3),
+                              st.binary(max_size=300),
+                              st.integers(0, 255)), max_size=8),
+           st.lists(st.integers(1, 50), min_size=1, max_size=20))
+    def test_split_streams_give_pieces_that_add_up(self, records, cuts):
+        # Stream records come out as they arrive, in non-empty pieces whose
+        # concatenation is the stream; other records come out whole; an
+        # empty record (the end of a stream) comes out once, as itself.
+        wire = b''.join(header(t, i, len(c), padding=p) + c + b'\0' * p
+                        for t, i, c, p in records)
+        parser = RecordParser(split_streams=True)
+        got = []
+        pos = i = 0
+        while pos < len(wire):
+            step = cuts[i % len(cuts)]
+            got += parser.feed(memoryview(wire)[pos:pos + step])
+            pos += step
+            i += 1
+        parser.feed(b'')
+        assert all(type(r.content) is bytes for r in got)
+        whole = [r for r in got if r.type not in fcgi.STREAM_TYPES]
+        assert whole == [Record(t, i, c) for t, i, c, _ in records
+                         if t not in fcgi.STREAM_TYPES]
+        ends = [r for r in got if not r.content]
+        assert ends == [Record(t, i, b'') for t, i, c, _ in records
+                        if not c]
+        for rtype in fcgi.STREAM_TYPES:
+            for rid in range(4):
+                assert b''.join(
+                    r.content for r in got
+                    if (r.type, r.request_id) == (rtype, rid)) == b''.join(
+                    c for t, i, c, _ in records if (t, i) == (rtype, rid))
+
+    def test_split_stream_record_is_returned_as_it_arrives(self):
+        parser = RecordParser(split_streams=True)
+        wire = header(FCGI_STDIN, 1, 10, padding=6) + b'0123456789' + b'p' * 6
+        assert parser.feed(wire[:12]) == [Record(FCGI_STDIN, 1, b'0123')]
+        assert parser.buffered == 0 and parser.in_record
+        assert parser.feed(wire[12:20]) == [Record(FCGI_STDIN, 1, b'456789')]
+        assert parser.in_record                     # padding still due
+        with pytest.raises(ProtocolError, match='middle of a record'):
+            parser.feed(b'')
+        parser = RecordParser(split_streams=True)
+        parser.feed(wire)
+        assert not parser.in_record and parser.feed(b'') == []
+
 
 class TestNameValuePairs:
     # The four forms of section 3.4, written by hand.
@@ -419,14 +467,14 @@ class TestInputStream:
         for _ in range(256):                       # 8 MB
             stream.feed(chunk)
         stream.feed_eof()
-        assert stream._file._rolled, 'an 8 MB body stayed in memory'
+        assert stream.spooled, 'an 8 MB body stayed in memory'
         assert stream.read(32768) == chunk
         assert len(stream.read()) == 255 * 32768
 
     def test_small_body_stays_in_memory(self):
         stream = fcgi.InputStream(spool_size=64 * 1024)
         stream.feed(b'x' * 1000)
-        assert not stream._file._rolled
+        assert not stream.spooled
 
     def test_disk_full_fails_that_request_only(self, serve, monkeypatch):
         def app(environ, start_response):
@@ -434,13 +482,22 @@ class TestInputStream:
             start_response('200 OK', [])
             return [b'%d' % len(body)]
         server = serve(app, spool_size=1000)
-        real_write = tempfile.SpooledTemporaryFile.write
+        real_temporary_file = tempfile.TemporaryFile
 
-        def write(self, data):
-            if self._rolled and b'FULL' in data:
-                raise OSError(28, 'No space left on device')
-            return real_write(self, data)
-        monkeypatch.setattr(tempfile.SpooledTemporaryFile, 'write', write)
+        class FillingDisk:
+            # the real file, until a write brings b'FULL'
+            def __init__(self):
+                self.file = real_temporary_file()
+
+            def __getattr__(self, name):
+                return getattr(self.file, name)
+
+            def writelines(self, pieces):
+                pieces = [bytes(piece) for piece in pieces]
+                if any(b'FULL' in piece for piece in pieces):
+                    raise OSError(28, 'No space left on device')
+                self.file.writelines(pieces)
+        monkeypatch.setattr(fcgi.tempfile, 'TemporaryFile', FillingDisk)
         client = Client(server.address)
         client.begin(1)
         client.params(1, {'REQUEST_METHOD': 'POST'})
@@ -457,6 +514,62 @@ class TestInputStream:
         gevent.spawn_later(0.01, stream.fail, OSError(28, 'disk full'))
         with pytest.raises(OSError, match='disk full'):
             stream.read()
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.binary(min_size=1, max_size=40), max_size=12),
+           st.lists(st.tuples(st.sampled_from(['read', 'readline']),
+                              st.integers(-1, 50)), max_size=30),
+           st.integers(1, 120))
+    def test_reads_match_a_plain_file_spooled_or_not(self, pieces, reads,
+                                                     spool_size):
+        # Whatever the pieces, the reads and when the stream moves to disk,
+        # it reads as io.BytesIO reads the same bytes.
+        stream = fcgi.InputStream(spool_size=spool_size)
+        for piece in pieces:
+            stream.feed(piece)
+        stream.feed_eof()
+        model = io.BytesIO(b''.join(pieces))
+        for method, size in reads:
+            assert getattr(stream, method)(size) == \
+                getattr(model, method)(size)
+        assert stream.read() == model.read()
+        assert stream.spooled == (sum(map(len, pieces)) > spool_size)
+        stream.close()
+
+    def test_input_moves_to_disk_mid_read_and_reads_on(self):
+        stream = fcgi.InputStream(spool_size=100)
+        stream.feed(b'line one\nline two\n' + b'a' * 50)
+        assert stream.readline() == b'line one\n'
+        assert stream.read(5) == b'line '
+        stream.feed(b'b' * 60)          # 113 unread: to disk
+        assert stream.spooled
+        stream.feed(b'\nend')
+        stream.feed_eof()
+        assert stream.readline() == b'two\n'
+        assert stream.readline() == b'a' * 50 + b'b' * 60 + b'\n'
+        assert stream.read() == b'end'
+
+    def test_reading_memory_lets_it_go(self):
+        stream = fcgi.InputStream()
+        piece = b'x' * 1000
+        stream.feed(piece)
+        assert stream.read(1000) is piece           # no copy of a piece
+        stream.feed(b'y' * 1000)
+        stream.read(999)
+        assert len(stream._pieces) == 1 and stream._offset == 999
+        stream.read(1)
+        assert not stream._pieces
+
+    def test_a_waiting_reader_is_woken_when_its_read_can_be_answered(self):
+        stream = fcgi.InputStream()
+        reader = gevent.spawn(stream.read, 1000)
+        gevent.sleep(0)
+        for _ in range(9):
+            stream.feed(b'z' * 100)
+            assert not stream._waiter.is_set()     # not woken for a piece
+        stream.feed(b'z' * 100)
+        assert stream._waiter.is_set()
+        assert reader.get(timeout=1) == b'z' * 1000
 
 
 class FakeConnection:
@@ -965,6 +1078,39 @@ class TestConnection:
         # one greenlet served all three, and none saw another's context
         assert len({greenlet_id for greenlet_id, _ in seen}) == 1
         assert [value for _, value in seen] == ['nobody'] * 3
+
+    @pytest.mark.skipif(not hasattr(socket, 'TCP_INFO')
+                        or fcgi._TCP_QUICKACK is None,
+                        reason='TCP_INFO and TCP_QUICKACK are Linux only')
+    def test_upload_in_progress_is_acknowledged_at_once(self, serve):
+        # After a first answer the kernel treats the connection as
+        # interactive and delays its ACKs 40 ms or more; nginx then holds
+        # the small last segment of a body (Nagle) for that ACK, and every
+        # upload stalled 40 ms.  While a body streams in, we ACK at once.
+        def app(environ, start_response):
+            body = environ['wsgi.input'].read()
+            start_response('200 OK', [])
+            return [b'%d' % len(body)]
+        server = serve(app)
+        client = Client(server.address)
+
+        def unacknowledged():
+            info = client.sock.getsockopt(socket.IPPROTO_TCP,
+                                          socket.TCP_INFO, 104)
+            return struct.unpack_from('I', info, 24)[0]  # tcpi_unacked
+        for rid in (1, 3, 5):
+            client.request(rid=rid, body=b'x' * 100)
+            assert client.response(rid).status == 200
+            client.begin(rid + 1)
+            client.params(rid + 1, {'REQUEST_METHOD': 'POST',
+                                    'CONTENT_LENGTH': '100000'})
+            client.stdin(rid + 1, b'y' * 20000, end=False)
+            client.stdin(rid + 1, b'y' * 20000, end=False)
+            # well before the 40 ms a delayed ACK would take
+            assert wait_for(lambda: unacknowledged() == 0, timeout=0.025,
+                            interval=0.001)
+            client.stdin(rid + 1, b'y' * 60000)
+            assert client.response(rid + 1).body == b'100000'
 
     def test_small_response_leaves_in_one_send(self, serve, monkeypatch):
         sends = []
