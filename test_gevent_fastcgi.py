@@ -1809,6 +1809,46 @@ def has_ipv6_loopback():
         return False
 
 
+class TestTuneMalloc:
+    class FakeGlibc:
+        def __init__(self):
+            self.calls = []
+
+        def gnu_get_libc_version(self):
+            return b'2.36'
+
+        def mallopt(self, param, value):
+            self.calls.append((param, value))
+            return 1
+
+    def test_sets_mmap_and_trim_thresholds(self, monkeypatch):
+        import ctypes
+        libc = self.FakeGlibc()
+        monkeypatch.setattr(ctypes, 'CDLL', lambda name: libc)
+        for name in ('MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_'):
+            monkeypatch.delenv(name, raising=False)
+        fcgi.tune_malloc(keep_free=5 << 20)
+        assert libc.calls == [(-3, 128 * 1024), (-1, 5 << 20)]
+
+    def test_the_operators_setting_wins(self, monkeypatch):
+        import ctypes
+        libc = self.FakeGlibc()
+        monkeypatch.setattr(ctypes, 'CDLL', lambda name: libc)
+        monkeypatch.setenv('MALLOC_TRIM_THRESHOLD_', '0')
+        monkeypatch.delenv('MALLOC_MMAP_THRESHOLD_', raising=False)
+        fcgi.tune_malloc()
+        assert libc.calls == [(-3, 128 * 1024)]
+
+    def test_not_glibc_nothing_happens(self, monkeypatch):
+        import ctypes
+
+        class Musl:
+            def mallopt(self, param, value):
+                raise AssertionError('mallopt called on a libc without it')
+        monkeypatch.setattr(ctypes, 'CDLL', lambda name: Musl())
+        fcgi.tune_malloc()
+
+
 class TestServer:
     def test_ipv4(self, serve):
         server = serve(hello_app, address=('127.0.0.1', 0))
