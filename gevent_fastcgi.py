@@ -490,10 +490,11 @@ def decode_end_request(content: bytes) -> Tuple[int, int]:
 #
 # Input streams are written by the connection's greenlet as records arrive
 # and read by the request's greenlet, which waits when it gets ahead of the
-# web server.  They spool to a temporary file past ``spool_size`` bytes
-# (waitress does the same), so an upload costs disk, not memory, and the
-# connection never stops reading: other requests multiplexed on it, and
-# FCGI_ABORT_REQUEST, still get through while an application ignores a body.
+# web server.  They spool to a temporary file once more than ``spool_size``
+# bytes wait unread (waitress spools too), so an upload costs disk, not
+# memory, and the connection never stops reading: other requests multiplexed
+# on it, and FCGI_ABORT_REQUEST, still get through while an application
+# ignores a body.
 #
 # Output streams gather small writes and send them together: a small response
 # leaves in one send with its END_REQUEST.  A write that brings the buffer to
@@ -2090,7 +2091,8 @@ class FastCGIServer(StreamServer):
                    with FCGI_OVERLOADED (FCGI_MAX_REQS)
     socket_mode    permissions of a unix socket, e.g. 0o660
     backlog        listen() backlog
-    spool_size     request bodies larger than this go to a temporary file
+    spool_size     when more than this of a request body waits unread, it
+                   goes to a temporary file
     max_params_size, max_params   limits of one request's FCGI_PARAMS,
                    beyond which it is answered 431
     stop_timeout   seconds a stopping server waits for requests in flight
@@ -2781,8 +2783,8 @@ SERVER_OPTIONS = [
            'FastCGI role(s) served, comma-separated: responder, authorizer, '
            'filter (default responder)'),
     Option('spool_size', '--spool-size', _to_int(0),
-           'request bodies larger than this many bytes are spooled to a '
-           'temporary file (default 1048576)'),
+           'when more than this many bytes of a request body wait unread, '
+           'they go to a temporary file (default 1048576)'),
     Option('max_params_size', '--max-params-size', _to_int(1),
            'most bytes of FCGI_PARAMS per request, beyond: 431 '
            '(default 1048576)'),

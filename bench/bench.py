@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -446,19 +447,41 @@ def run_wrk(port, path, connections, threads, lua, duration):
     return subprocess.run(argv, capture_output=True, text=True).stdout
 
 
+def idle_seconds():
+    """Seconds all cores spent idle so far (idle + iowait, /proc/stat)."""
+    with open('/proc/stat') as f:
+        fields = f.readline().split()
+    return (int(fields[4]) + int(fields[5])) / TICK
+
+
 def measure(stack, workload, duration):
     path, connections, threads, lua, _, _, _ = WORKLOADS[workload]
     run_wrk(stack.port, path, connections, threads, lua, 1)       # warm up
     pids = process_tree(stack.backend.pid)
+    front_pids = process_tree(stack.front.pid)
     before = cpu_seconds(pids)
+    front_before = cpu_seconds(front_pids)
+    wrk_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    idle_before = idle_seconds()
+    started = time.monotonic()
     result = parse_wrk(run_wrk(stack.port, path, connections, threads, lua,
                                duration))
+    elapsed = time.monotonic() - started
     used = cpu_seconds(pids) - before
-    result['cpu_us_per_request'] = (used / result['requests'] * 1e6
-                                    if result['requests'] else None)
+    wrk_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    front_used = (cpu_seconds(front_pids) - front_before
+                  + wrk_after.ru_utime - wrk_before.ru_utime
+                  + wrk_after.ru_stime - wrk_before.ru_stime)
+    served = result['requests']
+    result['cpu_us_per_request'] = used / served * 1e6 if served else None
     # cores the backend kept busy: near 1 per worker means the backend,
     # not nginx or wrk, is what limits the run
     result['backend_cores_busy'] = used / duration
+    # what the front end (nginx or HAProxy, and wrk) costs per request, and
+    # the cores nobody used: with these, how far any backend could go
+    result['front_cpu_us_per_request'] = (front_used / served * 1e6
+                                          if served else None)
+    result['idle_cores'] = (idle_seconds() - idle_before) / elapsed
     return result
 
 
@@ -563,6 +586,9 @@ def summarize(raw):
                 'cpu_us': median(r['cpu_us_per_request'] for r in runs),
                 'p50_us': median(r['p50_us'] for r in runs),
                 'cores': median(r.get('backend_cores_busy') for r in runs),
+                'front_us': median(r.get('front_cpu_us_per_request')
+                                   for r in runs),
+                'idle': median(r.get('idle_cores') for r in runs),
                 'errors': errors, 'requests': requests,
                 'rounds': len(runs),
                 # a backend that fails most requests has no speed to speak of
@@ -653,6 +679,18 @@ def report(table, checks, info):
                     fmt(cell['p50_us']),
                     ' E%d' % cell['errors'] if cell['errors'] else '')
             row += '%-22s' % text
+        lines.append(row)
+    lines += ['', 'front end (nginx or HAProxy, and wrk): CPU us per request '
+              '| cores left idle', '', header]
+    for workload in WORKLOADS:
+        if workload not in table:
+            continue
+        row = '%-22s' % workload
+        for backend in backends:
+            cell = table[workload].get(backend)
+            row += '%-22s' % ('-' if cell is None or cell['failed'] else
+                              '%s|%s' % (fmt(cell.get('front_us')),
+                                         fmt(cell.get('idle'), 2)))
         lines.append(row)
     lines += ['', 'targets:']
     for name, value, goal, ok in checks:
