@@ -11,9 +11,10 @@ same WSGI application (bench_app.py) runs behind each backend in turn:
   flup        flup 1.0.3 (threads)
   uwsgi       uWSGI 2.0 with --fastcgi-socket and --gevent
   gunicorn    gunicorn with the gevent worker, behind nginx proxy_pass (HTTP)
-  libfcgi     a hello-world C program on libfcgi under spawn-fcgi: the cost
-              of the protocol itself (hello workloads only; one connection
-              per request, as libfcgi serves one connection at a time)
+  libfcgi     a C program on libfcgi under spawn-fcgi: the cost of the
+              protocol itself (hello, and 1 MB uploads, which it reads and
+              discards; one connection per request, as libfcgi serves one
+              connection at a time)
 
 The peers go into a virtual environment of their own (bench/.peers), made by
 this script on first use; the C program is built in bench/.build.  Debian
@@ -21,12 +22,14 @@ packages needed: nginx-light wrk haproxy spawn-fcgi libfcgi-dev gcc
 (--install-debs installs them).
 
 Each round runs every backend, alternating, and each workload for --duration
-seconds; the report gives medians over rounds of requests per second, the
-backend's CPU time per request (user + system of all its processes, from
-/proc before and after the run, divided by the requests served) and wrk's
-median latency.  On a small machine nginx and wrk share the cores with the
-backend, so requests per second are capped by the front end: CPU per
-request is the figure that says how much work a backend does.
+seconds; the report gives medians over rounds of successful requests per
+second (wrk counts a 502 as a request; we do not), the backend's CPU time per
+request (user + system of all its processes, from /proc before and after the
+run, divided by the requests served) and wrk's median latency; then what the
+front end (nginx or HAProxy, and wrk) costs per request and the cores left
+idle.  On a small machine nginx and wrk share the cores with the backend, so
+requests per second are capped by the front end: CPU per request is the
+figure that says how much work a backend does.
 """
 
 import argparse
@@ -671,6 +674,8 @@ def report(table, checks, info):
             cell = table[workload].get(backend)
             if cell is None:
                 text = '-'
+            elif cell['failed'] and not cell['requests']:
+                text = 'none answered'
             elif cell['failed']:
                 text = 'failed (%d errors)' % cell['errors']
             else:
