@@ -214,14 +214,13 @@ class RecordParser:
     so a piece can never be taken for the end.
     """
 
-    __slots__ = ('split_streams', '_head', '_pieces', '_held', '_type',
-                 '_request_id', '_content_left', '_padding_left', '_eof')
+    __slots__ = ('split_streams', '_head', '_pieces', '_type', '_request_id',
+                 '_content_left', '_padding_left', '_eof')
 
     def __init__(self, split_streams: bool = False) -> None:
         self.split_streams = split_streams
         self._head = b''            # a record header cut short
         self._pieces = None         # content so far of a record cut short
-        self._held = 0              # bytes in _pieces
         self._type = 0              # type and id of the record cut short,
         self._request_id = 0        # whose header is complete
         self._content_left = 0
@@ -232,7 +231,7 @@ class RecordParser:
     def buffered(self) -> int:
         """Bytes received that do not yet make a whole record (and were not
         returned as pieces of one)."""
-        return len(self._head) + self._held
+        return len(self._head) + sum(map(len, self._pieces or ()))
 
     @property
     def in_record(self) -> bool:
@@ -306,13 +305,11 @@ class RecordParser:
                     append((self._type, self._request_id, piece))
                 else:
                     self._pieces.append(piece)
-                    self._held += take
             if self._content_left:
                 return pos
             if self._pieces is not None:
                 append((self._type, self._request_id, b''.join(self._pieces)))
                 self._pieces = None
-                self._held = 0
         take = min(self._padding_left, end - pos)
         self._padding_left -= take
         return pos + take
@@ -1098,7 +1095,7 @@ class Connection:
         quick_ack = _TCP_QUICKACK if self.peer else None
         try:
             while not self.closed:
-                owing = self.owes_input(parser)
+                owing = (read_timeout or quick_ack) and self.owes_input(parser)
                 if read_timeout:
                     # An idle kept-open connection belongs to the web server
                     # and may wait as long as it likes; one that owes us

@@ -1087,11 +1087,7 @@ class TestConnection:
         # interactive and delays its ACKs 40 ms or more; nginx then holds
         # the small last segment of a body (Nagle) for that ACK, and every
         # upload stalled 40 ms.  While a body streams in, we ACK at once.
-        def app(environ, start_response):
-            body = environ['wsgi.input'].read()
-            start_response('200 OK', [])
-            return [b'%d' % len(body)]
-        server = serve(app)
+        server = serve(echo_app)
         client = Client(server.address)
 
         def unacknowledged():
@@ -1110,7 +1106,7 @@ class TestConnection:
             assert wait_for(lambda: unacknowledged() == 0, timeout=0.025,
                             interval=0.001)
             client.stdin(rid + 1, b'y' * 60000)
-            assert client.response(rid + 1).body == b'100000'
+            assert client.response(rid + 1).body == b'y' * 100000
 
     def test_small_response_leaves_in_one_send(self, serve, monkeypatch):
         sends = []

@@ -49,8 +49,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import (free_port, process_tree, rss_kb, wait_for_port,
-                    which)  # noqa: E402
+from common import (FASTCGI_PARAMS, free_port, process_tree, rss_kb,
+                    wait_for_port, which)  # noqa: E402
 ROOT = os.path.dirname(HERE)
 PEERS = os.path.join(HERE, '.peers')
 BUILD = os.path.join(HERE, '.build')
@@ -245,18 +245,7 @@ http {{
 FASTCGI_LOCATION = """
             fastcgi_pass backend;
             {keep_conn}
-            fastcgi_param REQUEST_METHOD $request_method;
-            fastcgi_param QUERY_STRING $query_string;
-            fastcgi_param CONTENT_TYPE $content_type;
-            fastcgi_param CONTENT_LENGTH $content_length;
-            fastcgi_param SCRIPT_NAME "";
-            fastcgi_param PATH_INFO $uri;
-            fastcgi_param REQUEST_URI $request_uri;
-            fastcgi_param SERVER_PROTOCOL $server_protocol;
-            fastcgi_param SERVER_NAME $server_name;
-            fastcgi_param SERVER_PORT $server_port;
-            fastcgi_param REMOTE_ADDR $remote_addr;
-"""
+""" + FASTCGI_PARAMS
 
 HTTP_LOCATION = """
             proxy_pass http://backend;
@@ -660,43 +649,41 @@ def fmt(value, digits=0):
     return ('%.' + str(digits) + 'f') % value
 
 
+def table_lines(table, backends, cell_text):
+    """A header and one row per workload; cell_text(cell) fills a cell."""
+    lines = ['%-22s' % 'workload' + ''.join('%-22s' % b for b in backends)]
+    for workload in WORKLOADS:
+        if workload in table:
+            lines.append('%-22s' % workload + ''.join(
+                '%-22s' % ('-' if table[workload].get(backend) is None
+                           else cell_text(table[workload][backend]))
+                for backend in backends))
+    return lines
+
+
+def speed_text(cell):
+    if cell['failed']:
+        return ('none answered' if not cell['requests']
+                else 'failed (%d errors)' % cell['errors'])
+    return '%s|%s|%s%s' % (fmt(cell['rps']), fmt(cell['cpu_us']),
+                           fmt(cell['p50_us']),
+                           ' E%d' % cell['errors'] if cell['errors'] else '')
+
+
+def front_text(cell):
+    if cell['failed']:
+        return '-'
+    return '%s|%s' % (fmt(cell.get('front_us')), fmt(cell.get('idle'), 2))
+
+
 def report(table, checks, info):
     backends = ['ours', 'original', 'flup', 'uwsgi', 'gunicorn', 'libfcgi']
     lines = ['successful requests/s | CPU us per request | median latency us '
              '(medians of %d rounds)' % info['rounds'], '']
-    header = '%-22s' % 'workload' + ''.join('%-22s' % b for b in backends)
-    lines.append(header)
-    for workload in WORKLOADS:
-        if workload not in table:
-            continue
-        row = '%-22s' % workload
-        for backend in backends:
-            cell = table[workload].get(backend)
-            if cell is None:
-                text = '-'
-            elif cell['failed'] and not cell['requests']:
-                text = 'none answered'
-            elif cell['failed']:
-                text = 'failed (%d errors)' % cell['errors']
-            else:
-                text = '%s|%s|%s%s' % (
-                    fmt(cell['rps']), fmt(cell['cpu_us']),
-                    fmt(cell['p50_us']),
-                    ' E%d' % cell['errors'] if cell['errors'] else '')
-            row += '%-22s' % text
-        lines.append(row)
+    lines += table_lines(table, backends, speed_text)
     lines += ['', 'front end (nginx or HAProxy, and wrk): CPU us per request '
-              '| cores left idle', '', header]
-    for workload in WORKLOADS:
-        if workload not in table:
-            continue
-        row = '%-22s' % workload
-        for backend in backends:
-            cell = table[workload].get(backend)
-            row += '%-22s' % ('-' if cell is None or cell['failed'] else
-                              '%s|%s' % (fmt(cell.get('front_us')),
-                                         fmt(cell.get('idle'), 2)))
-        lines.append(row)
+              '| cores left idle', '']
+    lines += table_lines(table, backends, front_text)
     lines += ['', 'targets:']
     for name, value, goal, ok in checks:
         lines.append('  %-50s %8s  goal %-28s %s' % (

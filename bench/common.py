@@ -1,8 +1,24 @@
-"""What bench.py and soak.py share: ports, processes, memory."""
+"""What bench.py and soak.py share: ports, processes, memory, and the
+FastCGI parameters nginx sends."""
 import os
 import shutil
 import socket
 import time
+
+#: the fastcgi_param lines of every nginx location that passes to a backend
+FASTCGI_PARAMS = """\
+            fastcgi_param REQUEST_METHOD $request_method;
+            fastcgi_param QUERY_STRING $query_string;
+            fastcgi_param CONTENT_TYPE $content_type;
+            fastcgi_param CONTENT_LENGTH $content_length;
+            fastcgi_param SCRIPT_NAME "";
+            fastcgi_param PATH_INFO $uri;
+            fastcgi_param REQUEST_URI $request_uri;
+            fastcgi_param SERVER_PROTOCOL $server_protocol;
+            fastcgi_param SERVER_NAME $server_name;
+            fastcgi_param SERVER_PORT $server_port;
+            fastcgi_param REMOTE_ADDR $remote_addr;
+"""
 
 
 def which(tool):

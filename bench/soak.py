@@ -35,7 +35,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import (children, free_port, rss_kb, wait_for_port)  # noqa: E402
+from common import (FASTCGI_PARAMS, children, free_port, rss_kb,
+                    wait_for_port)  # noqa: E402
 ROOT = os.path.dirname(HERE)
 BLOCK = bytes(range(256)) * 4096                # 1 MiB
 
@@ -84,18 +85,7 @@ http {{
         location / {{
             fastcgi_pass app;
             fastcgi_keep_conn on;
-            fastcgi_param REQUEST_METHOD $request_method;
-            fastcgi_param QUERY_STRING $query_string;
-            fastcgi_param CONTENT_TYPE $content_type;
-            fastcgi_param CONTENT_LENGTH $content_length;
-            fastcgi_param SCRIPT_NAME "";
-            fastcgi_param PATH_INFO $uri;
-            fastcgi_param REQUEST_URI $request_uri;
-            fastcgi_param SERVER_PROTOCOL $server_protocol;
-            fastcgi_param SERVER_NAME $server_name;
-            fastcgi_param SERVER_PORT $server_port;
-            fastcgi_param REMOTE_ADDR $remote_addr;
-        }}
+{params}        }}
     }}
 }}
 """
@@ -270,7 +260,7 @@ def main(argv=None):
     conf = os.path.join(work, 'nginx.conf')
     with open(conf, 'w') as f:
         f.write(NGINX_CONF.format(
-            dir=work, port=web_port, app_port=app_port,
+            dir=work, port=web_port, app_port=app_port, params=FASTCGI_PARAMS,
             user='user nobody nogroup;' if os.geteuid() == 0 else ''))
     nginx = subprocess.Popen([shutil.which('nginx') or '/usr/sbin/nginx',
                               '-p', work, '-c', conf])
