@@ -572,7 +572,7 @@ class TestInputStream:
         assert reader.get(timeout=1) == b'z' * 1000
 
 
-class FakeConnection:
+class FakeTransport:
     def __init__(self):
         self.sent = []
 
@@ -585,7 +585,9 @@ class FakeRequest:
     ended = False
 
     def __init__(self):
-        self.connection = FakeConnection()
+        self.connection = self
+        self.transport = FakeTransport()
+        self.sent = self.transport.sent
 
 
 class TestOutputStream:
@@ -1110,12 +1112,12 @@ class TestConnection:
 
     def test_small_response_leaves_in_one_send(self, serve, monkeypatch):
         sends = []
-        original = fcgi.Connection.send
+        original = fcgi.Transport.send
 
         def counting_send(self, data, more=False):
             sends.append(data)
             return original(self, data, more)
-        monkeypatch.setattr(fcgi.Connection, 'send', counting_send)
+        monkeypatch.setattr(fcgi.Transport, 'send', counting_send)
         server = serve(hello_app)
         client = Client(server.address)
         client.request()
@@ -1922,7 +1924,10 @@ class TestServer:
     @pytest.mark.parametrize('kwargs, match', [
         ({'num_workers': 0}, 'num_workers'),
         ({'max_conns': -1}, 'max_conns'),
-        ({'max_reqs': '10'}, 'max_reqs'),
+        ({'max_reqs': 'ten'}, 'max_reqs'),
+        ({'max_reqs': True}, 'max_reqs'),
+        ({'script_name': 'app'}, 'script_name'),
+        ({'read_timeout': 0}, 'read_timeout'),
         ({'socket_mode': 0o1777}, 'socket_mode'),
         ({'role': 'watcher'}, 'unknown role'),
         ({'role': 9}, 'unknown role'),
@@ -2213,6 +2218,7 @@ class TestInterfaces:
     def test_shipped_classes_provide_the_interfaces(self, serve):
         pytest.importorskip('zope.interface')
         from zope.interface.verify import verifyObject
+        fcgi.install_original_import_paths()
         from gevent_fastcgi.interfaces import IRequest, IRequestHandler
         assert IRequestHandler is fcgi.IRequestHandler
         assert verifyObject(IRequestHandler, WSGIRequestHandler(hello_app))
@@ -2361,8 +2367,8 @@ class TestDefectsOfTheOriginal:
 
     def test_5_subclass_record_handlers(self, serve):
         class Quiet(fcgi.Connection):
-            def on_get_values(self, content):
-                self.send(encode_records(FCGI_GET_VALUES_RESULT, 0,
+            def on_get_values(self, request_id, content):
+                self.transport.send(encode_records(FCGI_GET_VALUES_RESULT, 0,
                                          encode_pairs([(b'OVERRIDDEN', b'1')])))
         server = serve(hello_app)
         server.connection_class = Quiet
@@ -2401,7 +2407,7 @@ class TestDjango:
         text = text.replace("ALLOWED_HOSTS = []", "ALLOWED_HOSTS = ['*']")
         text = text.replace("'django.contrib.staticfiles',",
                             "'django.contrib.staticfiles',\n"
-                            "    'gevent_fastcgi',")
+                            "    'gevent_fastcgi.DjangoAppConfig',")
         settings_py.write_text(text)
         env = dict(os.environ, PYTHONPATH=HERE)
         help_text = subprocess.run(
@@ -2481,7 +2487,7 @@ class TestCommandLine:
             'gevent_fastcgi %s' % fcgi.__version__)
         help_text = run_cli('--help').stdout
         for option in fcgi.SERVER_OPTIONS:
-            assert option.flag in help_text
+            assert option.flag is None or option.flag in help_text
         for flag in ('--bind', '--handler', '--debug', '--log-level',
                      '--chdir', '--pid', '--monkey-patch', '--access-log'):
             assert flag in help_text
@@ -2723,6 +2729,26 @@ class TestPyramidUnderPserve:
 # ---------------------------------------------------------------------------
 
 class TestVendoring:
+    def test_import_changes_nothing_outside_the_module(self):
+        code = textwrap.dedent('''
+            import sys, gevent, gevent.socket, gevent.server
+            modules = set(sys.modules)
+            hooks, meta = list(sys.path_hooks), list(sys.meta_path)
+            import gevent_fastcgi
+            added = sorted(set(sys.modules) - modules - {'gevent_fastcgi'})
+            ours = [name for name in added if 'gevent_fastcgi' in name]
+            print(ours, sys.path_hooks == hooks, sys.meta_path == meta)
+            gevent_fastcgi.install_original_import_paths()
+            from gevent_fastcgi.server import FastCGIServer
+            from gevent_fastcgi.wsgi import WSGIRequestHandler
+            print(FastCGIServer is gevent_fastcgi.FastCGIServer)
+        ''')
+        result = subprocess.run([sys.executable, '-c', code], cwd=HERE,
+                                env=dict(os.environ, PYTHONPATH=HERE),
+                                capture_output=True, text=True, timeout=30)
+        assert result.stdout.split('\n')[:2] == ['[] True True', 'True'], (
+            result.stdout + result.stderr)
+
     def test_the_file_alone_serves(self, tmp_path):
         shutil.copy(os.path.join(HERE, 'gevent_fastcgi.py'), tmp_path)
         (tmp_path / 'serve.py').write_text(textwrap.dedent('''
@@ -3392,14 +3418,14 @@ MPXS = sys.argv[2]
 
 
 class Connection(fcgi.Connection):
-    def on_get_values(self, content):
+    def on_get_values(self, request_id, content):
         self.server.get_values_seen += 1
         if MPXS == '1':
-            return super().on_get_values(content)
+            return super().on_get_values(request_id, content)
         answer = [(name, {b'FCGI_MPXS_CONNS': b'0', b'FCGI_MAX_REQS': b'100',
                           b'FCGI_MAX_CONNS': b'100'}[name])
                   for name, _ in fcgi.decode_pairs(content)]
-        self.send(fcgi.encode_records(fcgi.FCGI_GET_VALUES_RESULT, 0,
+        self.transport.send(fcgi.encode_records(fcgi.FCGI_GET_VALUES_RESULT, 0,
                                       fcgi.encode_pairs(answer)))
 
 
