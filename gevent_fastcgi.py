@@ -477,6 +477,19 @@ STDOUT_END = _ByRequestId(lambda request_id: encode_records(FCGI_STDOUT,
 END_REQUEST_OK = _ByRequestId(encode_end_request)
 
 
+def encode_get_values_result(query: bytes, known: Dict[str, str]) -> bytes:
+    """The GET_VALUES_RESULT record answering the GET_VALUES ``query``:
+    the names asked for that are in ``known``, with their values; unknown
+    names are left out (section 4.1)."""
+    answer = []
+    for name, _ in decode_pairs(query):
+        value = known.get(name.decode('latin-1'))
+        if value is not None:
+            answer.append((name, value.encode('ascii')))
+    return encode_records(FCGI_GET_VALUES_RESULT, FCGI_NULL_REQUEST_ID,
+                          encode_pairs(answer))
+
+
 def decode_begin_request(content: bytes) -> Tuple[int, bool]:
     """BEGIN_REQUEST body -> (role, keep_conn)."""
     if len(content) != _BEGIN_REQUEST_BODY.size:
@@ -1156,7 +1169,7 @@ class Request:
                 output += (stderr.take_records()
                            + encode_records(FCGI_STDERR, self.id))
             try:
-                self.connection.end_request(self, app_status, output=output)
+                self.end(app_status, output=output)
             except ConnectionClosed:
                 pass
         if started is not None:
@@ -1180,9 +1193,43 @@ class Request:
         output = b''
         if self.answer_error(status, status.encode('ascii')):
             output = self.stdout.take_records()
-        self.connection.end_request(self, 1,
-                                    output=output + STDOUT_END[self.id])
+        self.end(1, output=output + STDOUT_END[self.id])
         self.cancel()
+
+    def end(self, app_status: int = 0,
+            protocol_status: int = FCGI_REQUEST_COMPLETE,
+            output: bytes = b'') -> None:
+        """Send ``output`` and END_REQUEST; the request becomes inactive,
+        and so may the connection (no FCGI_KEEP_CONN, or a stopping
+        server's last request)."""
+        if self.ended:
+            return
+        self.release()
+        server = self.server
+        connection = self.connection
+        server.requests_served += 1
+        if server.requests_served == server.retire_after:
+            server.retire()
+        last = not self.keep_conn or (server.stopping
+                                      and not connection.requests)
+        end = (END_REQUEST_OK[self.id]
+               if app_status == 0 and protocol_status == FCGI_REQUEST_COMPLETE
+               else encode_end_request(self.id, app_status, protocol_status))
+        connection.transport.send(output + end, more=last)
+        connection.last_active = time.monotonic()
+        if last:
+            connection.close_write()
+
+    def release(self) -> None:
+        """The request is over (answered, aborted, or its connection is
+        gone): it leaves its connection and lets go of its input."""
+        self.ended = True
+        if self.connection.requests.pop(self.id, None) is not None:
+            self.server.active_requests -= 1
+        if self._stdin is not None:
+            self._stdin.close()
+        if self.data is not _NO_INPUT:
+            self.data.close()
 
     def cancel(self) -> None:
         """Raise RequestAborted in the greenlet running the handler, if
@@ -1225,6 +1272,15 @@ class Transport:
     __slots__ = ('socket', 'tcp', 'closed', 'on_lost', '_send_lock',
                  '_wait', '_readable', '_drained')
 
+    #: bytes asked of each recv(), into one buffer the process shares: no
+    #: switch to another greenlet can come between a recv_into() and the
+    #: copy of what it received (RecordParser.feed copies before it
+    #: returns), so one buffer serves every connection and can be large.
+    #: An upload then takes a few reads per megabyte, not sixteen
+    #: (measured: a fifth less CPU per 1 MB upload than 64 KB).
+    recv_size = 256 * 1024
+    _recv_buffer = None
+
     def __init__(self, sock, tcp: bool, on_lost) -> None:
         self.socket = sock
         self.tcp = tcp
@@ -1241,14 +1297,19 @@ class Transport:
         self._readable = getattr(sock, '_read_event', None)
         self._drained = self._wait is not None and self._readable is not None
 
-    def receive_into(self, buffer) -> int:
-        """Read what has arrived into ``buffer``, waiting for it if need be;
-        0 at the end of the stream."""
+    def receive(self) -> memoryview:
+        """What has arrived, waiting for it if need be (empty at the end of
+        the stream): a view of the shared buffer, valid until the next
+        receive() of any connection."""
+        buffer = Transport._recv_buffer
+        if buffer is None or len(buffer) != self.recv_size:
+            buffer = Transport._recv_buffer = memoryview(
+                bytearray(self.recv_size))
         if self._drained:
             self._wait(self._readable)
         received = self.socket.recv_into(buffer)
         self._drained = self._readable is not None and received < len(buffer)
-        return received
+        return buffer[:received]
 
     def quick_ack(self) -> None:
         """Acknowledge at once what the next read takes (TCP_QUICKACK):
@@ -1323,22 +1384,11 @@ class Transport:
 
 class Connection:
     """Serves one transport connection from the web server: reads records,
-    dispatches them to its ``on_*`` handlers, and owns the connection's
-    lifetime.
+    dispatches them to the ``on_*`` handlers ``record_handler_names`` names
+    (each takes request_id, content; a subclass may override any, and
+    FastCGIServer.connection_class picks the class), and owns the
+    connection's lifetime."""
 
-    Record handlers are looked up by name in ``record_handler_names``, so a
-    subclass may override any of them; FastCGIServer.connection_class picks
-    the class.  Each takes (request_id, content).
-    """
-
-    #: bytes asked of each recv(), into one buffer the process shares: no
-    #: switch to another greenlet can come between a recv_into() and the
-    #: copy of what it received (RecordParser.feed copies before it
-    #: returns), so one buffer serves every connection and can be large.
-    #: An upload then takes a few reads per megabyte, not sixteen
-    #: (measured: a fifth less CPU per 1 MB upload than 64 KB).
-    recv_size = 256 * 1024
-    _recv_buffer = None
     #: seconds to wait for the web server to close after we shut down our side
     linger_timeout = 5.0
 
@@ -1387,11 +1437,7 @@ class Connection:
         parser = RecordParser(split_streams=True)
         feed = parser.feed
         transport = self.transport
-        receive_into = transport.receive_into
-        cls = type(self)
-        if cls._recv_buffer is None or len(cls._recv_buffer) != self.recv_size:
-            cls._recv_buffer = memoryview(bytearray(self.recv_size))
-        buffer = cls._recv_buffer
+        receive = transport.receive
         handlers = self.record_handlers
         read_timeout = self.server.read_timeout
         timeout = None
@@ -1410,20 +1456,20 @@ class Connection:
                 if owing and quick_ack and self.got_request:
                     transport.quick_ack()
                 try:
-                    received = receive_into(buffer)
+                    data = receive()
                 except TimeoutError:
                     if self.owes_input(parser):
                         raise
                     continue    # what was owed ended meanwhile (answered)
                 # The parser copies each record's content out of the shared
                 # buffer once, and STDIN content as it arrives, unjoined.
-                for rtype, request_id, content in feed(buffer[:received]):
+                for rtype, request_id, content in feed(data):
                     handler = handlers.get(rtype)
                     if handler is None:
                         self.on_unknown_type(rtype, request_id, content)
                     else:
                         handler(request_id, content)
-                if not received:
+                if not data:
                     break
         except ProtocolError as exc:
             logger.warning('%s: protocol error, connection closed: %s',
@@ -1446,18 +1492,10 @@ class Connection:
         if request_id:
             self.on_unknown_type(FCGI_GET_VALUES, request_id, content)
             return
-        known = {
+        self.transport.send(encode_get_values_result(content, {
             FCGI_MAX_CONNS: str(self.server.max_conns),
             FCGI_MAX_REQS: str(self.server.max_reqs),
-            FCGI_MPXS_CONNS: '1',
-        }
-        answer = []
-        for name, _ in decode_pairs(content):
-            value = known.get(name.decode('latin-1'))
-            if value is not None:
-                answer.append((name, value.encode('ascii')))
-        self.transport.send(encode_records(
-            FCGI_GET_VALUES_RESULT, FCGI_NULL_REQUEST_ID, encode_pairs(answer)))
+            FCGI_MPXS_CONNS: '1'}))
 
     def on_unknown_type(self, record_type: int, request_id: int,
                         content: bytes) -> None:
@@ -1532,41 +1570,10 @@ class Connection:
         if request is None:
             return
         logger.info('%s: %r aborted by the web server', self, request)
-        self.end_request(request, app_status=1, output=STDOUT_END[request_id])
+        request.end(app_status=1, output=STDOUT_END[request_id])
         request.cancel()
 
-    # -- ending requests, and the connection --------------------------------
-
-    def end_request(self, request: Request, app_status: int = 0,
-                    protocol_status: int = FCGI_REQUEST_COMPLETE,
-                    output: bytes = b'') -> None:
-        """Send ``output`` and END_REQUEST; the request becomes inactive."""
-        if request.ended:
-            return
-        self._forget(request)
-        server = self.server
-        server.requests_served += 1
-        if server.requests_served == server.retire_after:
-            server.retire()
-        last = not request.keep_conn or (server.stopping
-                                         and not self.requests)
-        end = (END_REQUEST_OK[request.id]
-               if app_status == 0 and protocol_status == FCGI_REQUEST_COMPLETE
-               else encode_end_request(request.id, app_status,
-                                       protocol_status))
-        self.transport.send(output + end, more=last)
-        self.last_active = time.monotonic()
-        if last:
-            self.close_write()
-
-    def _forget(self, request: Request) -> None:
-        request.ended = True
-        if self.requests.pop(request.id, None) is not None:
-            self.server.active_requests -= 1
-        if request._stdin is not None:
-            request._stdin.close()
-        if request.data is not _NO_INPUT:
-            request.data.close()
+    # -- the connection's lifetime -------------------------------------------
 
     def lost(self, exc: OSError) -> None:
         """A send failed: the connection is gone; say so once, close it."""
@@ -1599,7 +1606,7 @@ class Connection:
                 timer.close()
         current = gevent.getcurrent()
         for request in list(self.requests.values()):
-            self._forget(request)
+            request.release()
             if request.greenlet is not current:
                 request.cancel()
         self.transport.close()
@@ -2789,7 +2796,8 @@ class Arbiter:
     # -- inside a worker ------------------------------------------------------
 
     def _run_worker(self, heartbeat) -> None:
-        status = 0
+        """In the forked child: forget the master's state, then serve."""
+        status = 1
         try:
             for name in self.SIGNALS:
                 signal.signal(getattr(signal, name), signal.SIG_DFL)
@@ -2797,45 +2805,46 @@ class Arbiter:
             os.close(self._wake_w)
             for other in self.workers.values():
                 other.heartbeat.close()
-            server = self.server
-            if isinstance(server.request_handler, AppLoader):
-                try:
-                    server.request_handler = server.request_handler.load()
-                except Exception:
-                    logger.exception('worker %d: cannot load the application',
-                                     os.getpid())
-                    status = WORKER_BOOT_ERROR
-                    return
-            tune_malloc()
-            if server.max_requests:
-                # Drawn in each worker (random is reseeded in a fork), so
-                # that workers do not all retire at once.
-                server.retire_after = server.max_requests + random.randint(
-                    0, server.max_requests_jitter)
-                server.retire = self._retire_worker(server)
-            server.start()
-            beat = _heartbeat(heartbeat.fileno(), server.worker_timeout)
-            gevent.signal_handler(signal.SIGTERM, server.shutdown)
-            gevent.signal_handler(signal.SIGINT, server.shutdown)
-            gevent.signal_handler(signal.SIGQUIT, server.shutdown, True)
-            gevent.signal_handler(signal.SIGHUP, lambda: None)
-            server.serve_until_shutdown()
-            beat.close()
+            status = run_worker(self.server, heartbeat)
         except BaseException:
             logger.exception('worker %d failed', os.getpid())
-            status = 1
         finally:
             logging.shutdown()
             os._exit(status)
 
 
-    @staticmethod
-    def _retire_worker(server):
+def run_worker(server, heartbeat) -> int:
+    """A worker's life: load the application, serve until told to stop
+    (or until max_requests), touching ``heartbeat`` from the event loop;
+    return the worker's exit status."""
+    if isinstance(server.request_handler, AppLoader):
+        try:
+            server.request_handler = server.request_handler.load()
+        except Exception:
+            logger.exception('worker %d: cannot load the application',
+                             os.getpid())
+            return WORKER_BOOT_ERROR
+    tune_malloc()
+    if server.max_requests:
+        # Drawn in each worker (random is reseeded in a fork), so that
+        # workers do not all retire at once.
+        server.retire_after = server.max_requests + random.randint(
+            0, server.max_requests_jitter)
+
         def retire():
             logger.info('worker %d: retiring after %d requests '
                         '(max_requests)', os.getpid(), server.requests_served)
             server.shutdown()
-        return retire
+        server.retire = retire
+    server.start()
+    beat = _heartbeat(heartbeat.fileno(), server.worker_timeout)
+    gevent.signal_handler(signal.SIGTERM, server.shutdown)
+    gevent.signal_handler(signal.SIGINT, server.shutdown)
+    gevent.signal_handler(signal.SIGQUIT, server.shutdown, True)
+    gevent.signal_handler(signal.SIGHUP, lambda: None)
+    server.serve_until_shutdown()
+    beat.close()
+    return 0
 
 
 def _heartbeat(fd: int, worker_timeout: Optional[float]):
