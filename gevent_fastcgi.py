@@ -3328,8 +3328,7 @@ def build_parser():
     return parser
 
 
-def client_main(argv) -> int:
-    """python -m gevent_fastcgi request ADDRESS [URI]: exit 0 only for 2xx."""
+def build_client_parser():
     import argparse
     parser = argparse.ArgumentParser(
         prog='python -m gevent_fastcgi request',
@@ -3354,6 +3353,12 @@ def client_main(argv) -> int:
                         default=10.0, help='seconds (default 10)')
     parser.add_argument('-q', '--quiet', action='store_true',
                         help='print nothing; only the exit status tells')
+    return parser
+
+
+def client_main(argv) -> int:
+    """python -m gevent_fastcgi request ADDRESS [URI]: exit 0 only for 2xx."""
+    parser = build_client_parser()
     args = parser.parse_intermixed_args(argv)
     headers = []
     for header in args.header:

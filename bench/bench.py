@@ -49,8 +49,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import (FASTCGI_PARAMS, free_port, process_tree, rss_kb,
-                    wait_for_port, which)  # noqa: E402
+from common import (FASTCGI_PARAMS, NGINX_TEMP_PATHS, free_port,
+                    process_tree, rss_kb, wait_for_port, which)  # noqa: E402
 ROOT = os.path.dirname(HERE)
 PEERS = os.path.join(HERE, '.peers')
 BUILD = os.path.join(HERE, '.build')
@@ -222,13 +222,7 @@ worker_rlimit_nofile 20000;
 events {{ worker_connections 8192; }}
 http {{
     access_log off;
-    client_body_temp_path {dir}/body;
-    fastcgi_temp_path {dir}/fastcgi;
-    proxy_temp_path {dir}/proxy;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
-    client_max_body_size 0;
-    client_body_buffer_size 2m;
+""" + NGINX_TEMP_PATHS + """    client_body_buffer_size 2m;
     upstream backend {{
         server 127.0.0.1:{backend_port};
         {keepalive}

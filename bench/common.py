@@ -21,6 +21,18 @@ FASTCGI_PARAMS = """\
 """
 
 
+#: the lines of nginx's http block that keep its temporary files in the
+#: folder of its own it runs from ({dir}), and take bodies of any size
+NGINX_TEMP_PATHS = """\
+    client_body_temp_path {dir}/body;
+    fastcgi_temp_path {dir}/fastcgi;
+    proxy_temp_path {dir}/proxy;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    client_max_body_size 0;
+"""
+
+
 def which(tool):
     return shutil.which(tool) or (os.path.exists('/usr/sbin/' + tool)
                                   and '/usr/sbin/' + tool)

@@ -35,8 +35,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import (FASTCGI_PARAMS, children, free_port, rss_kb,
-                    wait_for_port)  # noqa: E402
+from common import (FASTCGI_PARAMS, NGINX_TEMP_PATHS, children, free_port,
+                    rss_kb, wait_for_port)  # noqa: E402
 ROOT = os.path.dirname(HERE)
 BLOCK = bytes(range(256)) * 4096                # 1 MiB
 
@@ -73,13 +73,7 @@ error_log {dir}/error.log warn;
 events {{ worker_connections 4096; }}
 http {{
     access_log off;
-    client_body_temp_path {dir}/body;
-    fastcgi_temp_path {dir}/fastcgi;
-    proxy_temp_path {dir}/proxy;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
-    client_max_body_size 0;
-    upstream app {{ server 127.0.0.1:{app_port}; keepalive 32; }}
+""" + NGINX_TEMP_PATHS + """    upstream app {{ server 127.0.0.1:{app_port}; keepalive 32; }}
     server {{
         listen 127.0.0.1:{port};
         location / {{
