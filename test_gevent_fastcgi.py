@@ -60,6 +60,11 @@ from gevent_fastcgi import (
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def parse_records(data):
+    """The whole records in ``data``, with their field names."""
+    return [Record(*record) for record in RecordParser().feed(data)]
+
+
 def header(rtype, rid, length, padding=0, version=1):
     return struct.pack('!BBHHBx', version, rtype, rid, length, padding)
 
@@ -163,7 +168,7 @@ class Client:
             data = self.sock.recv(1 << 16)
             if not data:
                 self.eof = True
-            self.queue.extend(self.parser.feed(data))
+            self.queue.extend(Record(*r) for r in self.parser.feed(data))
         return self.queue.pop(0)
 
     def response(self, rid=1):
@@ -923,9 +928,9 @@ class TestRecordCodec:
                 memoryview(buffer))
             assert type(records) is list
             buffer[:] = bytes(len(buffer))
-            assert [(r.type, r.content) for r in records] == [
+            assert [(r[0], r[2]) for r in records] == [
                 (FCGI_PARAMS, b'abc'), (FCGI_STDIN, b'body')]
-            assert all(type(r.content) is bytes for r in records)
+            assert all(type(r[2]) is bytes for r in records)
             buffer[:] = (encode_records(FCGI_PARAMS, 1, b'abc')
                          + encode_records(FCGI_STDIN, 1, b'body'))
 
@@ -943,14 +948,14 @@ class TestRecordCodec:
 
     @pytest.mark.parametrize('wire, records', CASES)
     def test_parse_whole(self, wire, records):
-        assert RecordParser().feed(wire) == records
+        assert parse_records(wire) == records
 
     @pytest.mark.parametrize('wire, records', CASES)
     def test_parse_byte_by_byte(self, wire, records):
         parser = RecordParser()
         got = []
         for i in range(len(wire)):
-            got += parser.feed(wire[i:i + 1])
+            got += map(Record._make, parser.feed(wire[i:i + 1]))
         assert got == records
         assert parser.buffered == 0
 
@@ -969,13 +974,13 @@ class TestRecordCodec:
     def test_padding_is_read_and_discarded_whatever_it_holds(self):
         wire = (header(FCGI_STDIN, 1, 3, padding=5) + b'abc' + b'\xffPAD\x00'
                 + header(FCGI_STDIN, 1, 0, padding=255) + b'\x01' * 255)
-        assert RecordParser().feed(wire) == [Record(FCGI_STDIN, 1, b'abc'),
+        assert parse_records(wire) == [Record(FCGI_STDIN, 1, b'abc'),
                                              Record(FCGI_STDIN, 1, b'')]
 
     @pytest.mark.parametrize('version', [0, 2, 255])
     def test_wrong_version_is_a_protocol_error(self, version):
         with pytest.raises(ProtocolError, match='version %d' % version):
-            RecordParser().feed(header(FCGI_STDIN, 1, 0, version=version))
+            parse_records(header(FCGI_STDIN, 1, 0, version=version))
 
     def test_eof_at_record_boundary_is_fine(self):
         parser = RecordParser()
@@ -991,14 +996,14 @@ class TestRecordCodec:
     def test_output_is_split_into_records_of_at_most_65535_bytes(self):
         data = bytes(range(256)) * 1000            # 256,000 bytes
         wire = encode_records(FCGI_STDOUT, 3, data)
-        records = RecordParser().feed(wire)
+        records = parse_records(wire)
         assert [len(r.content) for r in records] == [65535] * 3 + [59395]
         assert all(r.type == FCGI_STDOUT and r.request_id == 3
                    for r in records)
         assert b''.join(r.content for r in records) == data
 
     def test_exactly_65535_bytes_is_one_record(self):
-        records = RecordParser().feed(encode_records(FCGI_STDOUT, 1,
+        records = parse_records(encode_records(FCGI_STDOUT, 1,
                                                      b'x' * 65535))
         assert len(records) == 1
 
@@ -1017,7 +1022,7 @@ class TestRecordCodec:
         i = 0
         while pos < len(wire):
             step = cuts[i % len(cuts)]
-            got += parser.feed(wire[pos:pos + step])
+            got += map(Record._make, parser.feed(wire[pos:pos + step]))
             pos += step
             i += 1
         assert got == [Record(*r) for r in records]
@@ -1039,7 +1044,8 @@ class TestRecordCodec:
         pos = i = 0
         while pos < len(wire):
             step = cuts[i % len(cuts)]
-            got += parser.feed(memoryview(wire)[pos:pos + step])
+            got += map(Record._make,
+                       parser.feed(memoryview(wire)[pos:pos + step]))
             pos += step
             i += 1
         parser.feed(b'')
@@ -1862,7 +1868,7 @@ class TestConnection:
         client.request()
         assert client.response().body == b'Hello, World'
         assert len(sends) == 1
-        records = RecordParser().feed(sends[0])
+        records = parse_records(sends[0])
         assert [r.type for r in records] == [FCGI_STDOUT, FCGI_STDOUT,
                                              FCGI_END_REQUEST]
 
@@ -2214,7 +2220,7 @@ class TestCgiFcgi:
             [binary, '-bind', '-connect', '127.0.0.1:%d' % proxy.port],
             input=b'', env=env, capture_output=True, timeout=60)
         sent = proxy.finish()
-        records = RecordParser().feed(sent)      # strict: raises if cut
+        records = parse_records(sent)      # strict: raises if cut
         stdout = b''.join(r.content for r in records if r.type == FCGI_STDOUT)
         assert [r.type for r in records][-2:] == [FCGI_STDOUT,
                                                   FCGI_END_REQUEST]
@@ -3831,8 +3837,8 @@ class TestInterfaces:
                          + fcgi.encode_records(fcgi.FCGI_STDIN, 1))
             parser, out = fcgi.RecordParser(), b''
             while not out.endswith(b'no extras'):
-                out += b''.join(r.content for r in parser.feed(sock.recv(4096))
-                                if r.type == fcgi.FCGI_STDOUT)
+                out += b''.join(r[2] for r in parser.feed(sock.recv(4096))
+                                if r[0] == fcgi.FCGI_STDOUT)
             try:
                 fcgi.IRequestHandler
             except ImportError:
