@@ -64,6 +64,7 @@ import tempfile
 import threading
 import time
 import traceback
+import weakref
 from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 from wsgiref.handlers import BaseCGIHandler
 
@@ -946,6 +947,10 @@ def mount(environ: Dict[str, str], script_name: str) -> None:
         environ['PATH_INFO'] = path
 
 
+_getrefcount = sys.getrefcount
+_getweakrefcount = weakref.getweakrefcount
+
+
 class RequestGreenlets:
     """Run requests in greenlets that wait for the next request instead of
     dying.
@@ -955,24 +960,51 @@ class RequestGreenlets:
     parked one its next request costs one callback and one switch, about
     1 us (timeit, greenlet 3.5).  At most ``spare`` wait parked; others end.
 
-    Reuse must not leak between requests: each request runs in a fresh
-    contextvars.Context, and a cancellation is delivered by the hub only if
-    the greenlet still runs the request it was meant for.  (Like a thread
-    pool's threads, a reused greenlet keeps its gevent.local data.)
+    Nothing a request leaves behind may reach a later one.  Each request
+    runs in a fresh contextvars.Context; a cancellation is delivered only
+    if the greenlet still runs the request it was meant for; and a parked
+    greenlet is reused only if nothing but its own frame refers to it, as
+    a probe greenlet that ran nothing shows: a timer the application left
+    running (a gevent.Timeout never cancelled holds the greenlet it would
+    interrupt), a registry keyed by greenlet, gevent.local data (a weakref)
+    all make a fresh greenlet serve the next request instead.  The old one
+    stays parked until whatever holds it lets go (a stray timer that fires
+    ends it, quietly).
     """
 
     def __init__(self, spare: int = 100) -> None:
         self.hub = gevent.get_hub()
         self.spare = spare
         self.parked: List = []
+        self.clean_refs = None  # references to a parked greenlet, no more
+        self._probe = greenlet.greenlet(self._serve, parent=self.hub)
+        self._probe.request = None
+        self.hub.loop.run_callback(self._probe.switch, _no_request, None)
 
     def start(self, function, request) -> 'greenlet.greenlet':
         """Run function(request) soon, in a parked greenlet or a new one."""
-        worker = (self.parked.pop() if self.parked
-                  else greenlet.greenlet(self._serve, parent=self.hub))
+        if self.clean_refs is None and self._probe in self.parked:
+            self._measure_probe()
+        worker = None
+        if self.parked:
+            worker = self.parked.pop()
+            # (the parked list's reference is gone: its frame's, the local
+            # variable's and getrefcount's own remain)
+            if (_getrefcount(worker) != self.clean_refs
+                    or _getweakrefcount(worker)):
+                worker = None       # something still holds it: not reused
+        if worker is None:
+            worker = greenlet.greenlet(self._serve, parent=self.hub)
         worker.request = request
         self.hub.loop.run_callback(worker.switch, function, request)
         return worker
+
+    def _measure_probe(self) -> None:
+        probe = self._probe
+        self._probe = None
+        self.parked.remove(probe)
+        self.clean_refs = _getrefcount(probe)
+        self.parked.insert(0, probe)        # the last to be reused
 
     def cancel(self, worker, request) -> None:
         """Raise RequestAborted in the greenlet running ``request``."""
@@ -988,6 +1020,7 @@ class RequestGreenlets:
         while True:
             contextvars.Context().run(function, request)
             current.request = None
+            function = request = None   # a parked greenlet holds nothing
             if len(self.parked) >= self.spare:
                 return
             self.parked.append(current)
@@ -999,6 +1032,10 @@ class RequestGreenlets:
                 if current in self.parked:
                     self.parked.remove(current)
                 return
+
+
+def _no_request(request) -> None:
+    """What the probe of RequestGreenlets runs."""
 
 
 class Request:
@@ -1016,7 +1053,7 @@ class Request:
     __slots__ = ('connection', 'server', 'id', 'role', 'keep_conn', 'environ',
                  '_stdin', 'data', 'stdout', '_stderr', 'greenlet', 'ended',
                  'status_code', 'body_size', 'params_done', '_params',
-                 '_params_size', '__weakref__')
+                 '_params_size', 'response_cut', '__weakref__')
 
     def __init__(self, connection, request_id: int, role: int,
                  keep_conn: bool) -> None:
@@ -1040,6 +1077,7 @@ class Request:
         self.status_code = None         # '200', for the access log
         self.body_size = None           # body bytes, for the access log
         self.ended = False              # END_REQUEST sent, or connection lost
+        self.response_cut = False       # failed after output was sent
         self.params_done = False
         self._params: List[bytes] = []
         self._params_size = 0
@@ -1099,13 +1137,20 @@ class Request:
             self.refuse(TOO_LARGE_HEADERS, '%d FCGI_PARAMS, more than %d'
                         % (len(environ), server.max_params))
             return False
+        length = environ.get('CONTENT_LENGTH')
+        if length and not (length.isascii() and length.isdigit()
+                           and len(length) < 19):
+            # Not a length ('-1' from a web server for a chunked body, or
+            # worse): unknown, and the body is read to its end
+            # (wsgi.input_terminated).
+            del environ['CONTENT_LENGTH']
+            length = None
         max_body = server.max_body_size
-        if max_body is not None and self.role != FCGI_AUTHORIZER:
-            length = environ.get('CONTENT_LENGTH', '')
-            if length.isdigit() and int(length) > max_body:
-                self.refuse(TOO_LARGE_BODY, 'CONTENT_LENGTH %s over '
-                            'max_body_size %d' % (length, max_body))
-                return False
+        if (length and max_body is not None and self.role != FCGI_AUTHORIZER
+                and int(length) > max_body):
+            self.refuse(TOO_LARGE_BODY, 'CONTENT_LENGTH %s over '
+                        'max_body_size %d' % (length, max_body))
+            return False
         if server.script_name is not None:
             mount(environ, server.script_name)
         return True
@@ -1131,54 +1176,16 @@ class Request:
             return
         stream.feed(content)
 
-    # -- running it -----------------------------------------------------------
-
-    def run(self) -> None:
-        """The body of the request's greenlet: run the handler, then end the
-        request with whatever it left in its streams."""
-        app_status = 0
-        server = self.server
-        started = time.time() if server.access_log else None
-        timeout = (RequestTimeout(server.request_timeout)
-                   if server.request_timeout else None)
-        try:
-            if timeout is not None:
-                timeout.start()
-            result = server.request_handler(self)
-            if type(result) is int:
-                app_status = result
-        except (RequestAborted, ConnectionClosed):
-            return          # the request was ended by whoever stopped it
-        except RequestTimeout:
-            logger.error('%s: %r cancelled after request_timeout (%gs)',
-                         self.connection, self, server.request_timeout)
-            app_status = 1
-            self.answer_error(TIMEOUT_STATUS, TIMEOUT_BODY)
-        except Exception:
-            logger.exception('%s: request handler failed on %r',
-                             self.connection, self)
-            app_status = 1
-            self.answer_error(ERROR_STATUS, ERROR_BODY)
-        finally:
-            if timeout is not None:
-                timeout.close()
-        if not self.ended:
-            output = self.stdout.take_records() + STDOUT_END[self.id]
-            stderr = self._stderr
-            if stderr is not None and stderr.bytes_written:
-                output += (stderr.take_records()
-                           + encode_records(FCGI_STDERR, self.id))
-            try:
-                self.end(app_status, output=output)
-            except ConnectionClosed:
-                pass
-        if started is not None:
-            log_access(self, started)
+    # -- ending it -------------------------------------------------------------
 
     def answer_error(self, status: str, body: bytes) -> bool:
         """Put an error page of our own in place of the response, if none
-        of the response has been sent yet; False when it is too late."""
-        if self.ended or not self.stdout.discard_unsent():
+        of the response has been sent yet; False when it is too late, and
+        then the response is cut short (see abandon)."""
+        if self.ended:
+            return False
+        if not self.stdout.discard_unsent():
+            self.response_cut = True
             return False
         self.stdout.write(plain_response(status, body))
         self.status_code = status[:3]
@@ -1210,7 +1217,7 @@ class Request:
         server.requests_served += 1
         if server.requests_served == server.retire_after:
             server.retire()
-        last = not self.keep_conn or (server.stopping
+        last = not self.keep_conn or ((server.stopping or connection.abandoned)
                                       and not connection.requests)
         end = (END_REQUEST_OK[self.id]
                if app_status == 0 and protocol_status == FCGI_REQUEST_COMPLETE
@@ -1219,6 +1226,24 @@ class Request:
         connection.last_active = time.monotonic()
         if last:
             connection.close_write()
+
+    def abandon(self) -> None:
+        """End a request whose response was cut short (its handler failed,
+        or ran out of time, after part of the response was sent) so that
+        the web server sees it fail, as an HTTP server's client would: no
+        END_REQUEST, and the connection closes, at once or, when other
+        requests are multiplexed on it, as soon as they have ended.  An
+        END_REQUEST would make nginx end the response cleanly, and a
+        truncated body would be taken, and cached, as whole."""
+        connection = self.connection
+        self.release()
+        logger.warning('%s: the response to %r was cut short: its '
+                       'connection closes so that the web server sees it '
+                       'fail', connection, self)
+        connection.abandoned = True     # new requests are refused
+        if not connection.requests:
+            connection.transport.abort()
+            connection.close()
 
     def release(self) -> None:
         """The request is over (answered, aborted, or its connection is
@@ -1236,6 +1261,58 @@ class Request:
         one does."""
         if self.greenlet is not None:
             self.server.request_greenlets().cancel(self.greenlet, self)
+
+
+def run_request(request: Request) -> None:
+    """The body of the request's greenlet: run the handler, then end the
+    request with whatever it left in its streams."""
+    app_status = 0
+    server = request.server
+    started = time.time() if server.access_log else None
+    timeout = (RequestTimeout(server.request_timeout)
+               if server.request_timeout else None)
+    try:
+        if timeout is not None:
+            timeout.start()
+        result = server.request_handler(request)
+        if type(result) is int:
+            app_status = result
+    except (RequestAborted, ConnectionClosed):
+        request.greenlet = None
+        return          # the request was ended by whoever stopped it
+    except BaseException as exc:
+        app_status = 1
+        if exc is timeout:
+            logger.error('%s: %r cancelled after request_timeout (%gs)',
+                         request.connection, request, server.request_timeout)
+            request.answer_error(TIMEOUT_STATUS, TIMEOUT_BODY)
+        else:
+            # Any failure, gevent.Timeout, SystemExit and
+            # KeyboardInterrupt included: one request's, not the
+            # server's.
+            logger.exception('%s: request handler failed on %r',
+                             request.connection, request)
+            request.answer_error(ERROR_STATUS, ERROR_BODY)
+    finally:
+        if timeout is not None:
+            timeout.close()
+    if request.response_cut:
+        request.abandon()
+    elif not request.ended:
+        output = request.stdout.take_records() + STDOUT_END[request.id]
+        stderr = request._stderr
+        if stderr is not None and stderr.bytes_written:
+            output += (stderr.take_records()
+                       + encode_records(FCGI_STDERR, request.id))
+        try:
+            request.end(app_status, output=output)
+        except ConnectionClosed:
+            pass
+    # A request that lives on (an application may keep its environ) must
+    # not hold the greenlet, which serves the next request.
+    request.greenlet = None
+    if started is not None:
+        log_access(request, started)
 
 
 # ---------------------------------------------------------------------------
@@ -1258,6 +1335,7 @@ class Request:
 _MSG_MORE = getattr(_stdlib_socket, 'MSG_MORE', 0)
 _TCP_QUICKACK = getattr(_stdlib_socket, 'TCP_QUICKACK', None)   # Linux
 _IOV_MAX = 1024     # buffers one sendmsg() may take (Linux's IOV_MAX)
+_ABORT_MARKER = bytes(FCGI_HEADER_LEN)      # version 0: see Transport.abort
 
 
 class Transport:
@@ -1330,29 +1408,40 @@ class Transport:
         web server learns that the connection closes together with the
         END_REQUEST, not after it has put the connection back in its
         pool."""
-        if self.closed:
-            raise ConnectionClosed('connection to the web server is closed')
         flags = _MSG_MORE if more and self.tcp else 0
-        try:
-            with self._send_lock:
+        with self._send_lock:
+            if self.closed:
+                raise ConnectionClosed('connection to the web server is '
+                                       'closed')
+            sent = 0
+            try:
                 # One send() usually takes it all; gevent's sendall() would
                 # first ask the kernel for SO_SNDBUF, a syscall per call.
                 sent = self.socket.send(data, flags)
                 if sent < len(data):
-                    self.socket.sendall(memoryview(data)[sent:], flags)
-        except OSError as exc:
-            raise self._lost(exc) from None
+                    view = memoryview(data)
+                    while sent < len(data):
+                        sent += self.socket.send(view[sent:], flags)
+            except OSError as exc:
+                raise self._lost(exc) from None
+            except BaseException:
+                if sent:
+                    self._cut()
+                raise
 
     def send_parts(self, parts: list) -> None:
         """Send a list of buffers whole, with gather writes (sendmsg): the
         kernel copies them, we do not."""
-        if self.closed:
-            raise ConnectionClosed('connection to the web server is closed')
         views = [memoryview(part).cast('B') for part in parts]
-        try:
-            with self._send_lock:
+        with self._send_lock:
+            if self.closed:
+                raise ConnectionClosed('connection to the web server is '
+                                       'closed')
+            begun = False
+            try:
                 while views:
                     sent = self.socket.sendmsg(views[:_IOV_MAX])
+                    begun = True
                     while sent:
                         size = views[0].nbytes
                         if sent >= size:
@@ -1361,13 +1450,39 @@ class Transport:
                         else:
                             views[0] = views[0][sent:]
                             sent = 0
-        except OSError as exc:
-            raise self._lost(exc) from None
+            except OSError as exc:
+                raise self._lost(exc) from None
+            except BaseException:
+                if begun:
+                    self._cut()
+                raise
 
     def _lost(self, exc: OSError) -> ConnectionClosed:
         if not self.closed:
             self.on_lost(exc)
         return ConnectionClosed(str(exc))
+
+    def _cut(self) -> None:
+        """A send was interrupted partway (request_timeout, an application's
+        own timeout, a cancellation): the web server would wait forever for
+        the rest of the record, and whatever we sent next would land inside
+        it.  The connection closes instead."""
+        if not self.closed:
+            self.on_lost(ConnectionClosed('a send was interrupted partway '
+                                          'through a record'))
+
+    def abort(self) -> None:
+        """Make the web server fail the response it is receiving, then
+        close.  FastCGI has no record for that: closing alone leaves nginx
+        with fastcgi_buffering off ending a chunked response as if it were
+        whole.  A record header of version 0, which every web server
+        refuses, makes it fail the response (curl: "transfer closed with
+        outstanding read data").  Sent only if it leaves at once."""
+        try:
+            self.socket.settimeout(0.0)
+            self.socket.send(_ABORT_MARKER)
+        except OSError:
+            pass
 
     def shutdown_write(self) -> bool:
         """Send our FIN; False when the connection is already gone."""
@@ -1410,6 +1525,7 @@ class Connection:
         self.requests: Dict[int, Request] = {}
         self.closed = False
         self.closing = False            # our side is shut, waiting for theirs
+        self.abandoned = False          # closes when its requests have ended
         self._linger_timer = None
         self._drain_timer = None
         self.last_active = time.monotonic()     # when a request last ended
@@ -1525,19 +1641,18 @@ class Connection:
             return      # our side is shut: the web server will see the close
         server = self.server
         if role not in server.roles:
-            protocol_status = FCGI_UNKNOWN_ROLE
-        elif server.active_requests >= server.max_reqs:
-            protocol_status = FCGI_OVERLOADED
+            protocol_status, why = FCGI_UNKNOWN_ROLE, 'unknown role %d' % role
+        elif server.active_requests >= server.max_reqs or self.abandoned:
+            protocol_status, why = FCGI_OVERLOADED, (
+                'the connection closes after a response cut short'
+                if self.abandoned else 'overloaded (%d requests active)'
+                % server.active_requests)
         else:
             server.active_requests += 1
             self.requests[request_id] = Request(self, request_id, role,
                                                 keep_conn)
             return
-        logger.warning('%s: request %d refused: %s', self, request_id,
-                       'unknown role %d' % role
-                       if protocol_status == FCGI_UNKNOWN_ROLE
-                       else 'overloaded (%d requests active)'
-                       % server.active_requests)
+        logger.warning('%s: request %d refused: %s', self, request_id, why)
         self.transport.send(encode_end_request(request_id, 0, protocol_status))
         if not keep_conn:
             self.close_write()
@@ -1547,7 +1662,7 @@ class Connection:
         if request is not None and request.add_params(content):
             self.got_request = True
             request.greenlet = self.server.request_greenlets().start(
-                Request.run, request)
+                run_request, request)
 
     def on_stdin(self, request_id: int, content: bytes) -> None:
         request = self.requests.get(request_id)
@@ -1668,6 +1783,44 @@ def _remember_checked(checked: set, text: str) -> None:
         checked.add(text)
 
 
+def check_response_start(status, headers) -> bool:
+    """What start_response() must refuse (PEP 3333 types; a status and
+    header names and values that cannot split the response with CR/LF);
+    True when the headers hold a Content-Length."""
+    if status not in _CHECKED_STATUSES:
+        if type(status) is not str:
+            raise TypeError('status must be str, not %r' % (status,))
+        if not _STATUS_RE.match(status):
+            raise ValueError('status %r is not "NNN Reason"' % (status,))
+        status.encode('latin-1')     # UnicodeEncodeError if it is not
+        _remember_checked(_CHECKED_STATUSES, status)
+    if type(headers) is not list:
+        raise TypeError('headers must be a list, not %r' % (headers,))
+    has_content_length = False
+    for header in headers:
+        if type(header) is not tuple or len(header) != 2:
+            raise TypeError('header %r is not a (name, value) tuple'
+                            % (header,))
+        name, value = header
+        if type(value) is not str:
+            raise TypeError('header %r: name and value must be str'
+                            % (header,))
+        if name not in _CHECKED_NAMES:
+            if type(name) is not str:
+                raise TypeError('header %r: name and value must be str'
+                                % (header,))
+            if not _HEADER_NAME_RE.match(name):
+                raise ValueError('header name %r is not a valid token'
+                                 % name)
+            _remember_checked(_CHECKED_NAMES, name)
+        if _HEADER_VALUE_BAD_RE.search(value):
+            raise ValueError('header %s: value %r holds control '
+                             'characters (CR/LF?)' % (name, value))
+        if len(name) == 14 and name.lower() == 'content-length':
+            has_content_length = True
+    return has_content_length
+
+
 class FileWrapper:
     """``wsgi.file_wrapper``: iterates a file in blocks.  The driver sends a
     file's blocks without a flush between them, a file never blocks."""
@@ -1784,9 +1937,9 @@ class WSGIRequestHandler:
                     close()
             response.finish()
             return 0
-        except (RequestAborted, ConnectionClosed):
+        except (RequestAborted, ConnectionClosed, RequestTimeout):
             raise
-        except Exception:
+        except BaseException:
             response.fail(sys.exc_info(), self.debug)
             return 1
 
@@ -1817,37 +1970,7 @@ class WSGIResponse:
         elif self.status is not None:
             raise AssertionError('start_response() called a second time '
                                  'without exc_info')
-        if status not in _CHECKED_STATUSES:
-            if type(status) is not str:
-                raise TypeError('status must be str, not %r' % (status,))
-            if not _STATUS_RE.match(status):
-                raise ValueError('status %r is not "NNN Reason"' % (status,))
-            status.encode('latin-1')     # UnicodeEncodeError if it is not
-            _remember_checked(_CHECKED_STATUSES, status)
-        if type(headers) is not list:
-            raise TypeError('headers must be a list, not %r' % (headers,))
-        has_content_length = False
-        for header in headers:
-            if type(header) is not tuple or len(header) != 2:
-                raise TypeError('header %r is not a (name, value) tuple'
-                                % (header,))
-            name, value = header
-            if type(value) is not str:
-                raise TypeError('header %r: name and value must be str'
-                                % (header,))
-            if name not in _CHECKED_NAMES:
-                if type(name) is not str:
-                    raise TypeError('header %r: name and value must be str'
-                                    % (header,))
-                if not _HEADER_NAME_RE.match(name):
-                    raise ValueError('header name %r is not a valid token'
-                                     % name)
-                _remember_checked(_CHECKED_NAMES, name)
-            if _HEADER_VALUE_BAD_RE.search(value):
-                raise ValueError('header %s: value %r holds control '
-                                 'characters (CR/LF?)' % (name, value))
-            if len(name) == 14 and name.lower() == 'content-length':
-                has_content_length = True
+        has_content_length = check_response_start(status, headers)
         self.status = status
         self.headers = headers
         self.has_content_length = has_content_length
@@ -1971,6 +2094,26 @@ class _WSGIRefHandler(BaseCGIHandler):
         # with a body).
         if self._in_headers or self.environ['REQUEST_METHOD'] != 'HEAD':
             self.stdout.write(data)
+
+    def start_response(self, status, headers, exc_info=None):
+        # The checks of our own driver, and latin-1 values (wsgiref finds
+        # out only while it writes them, after the headers count as sent).
+        check_response_start(status, headers)
+        for _, value in headers:
+            value.encode('latin-1')
+        return super().start_response(status, headers, exc_info)
+
+    def handle_error(self):
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (RequestAborted, ConnectionClosed,
+                            RequestTimeout)):
+            raise       # not the application's failure: run_request's
+        if not self.headers_sent:
+            super().handle_error()
+            return
+        self.log_exception(sys.exc_info())
+        # an error page if nothing has left yet, else the response is cut
+        self.request.answer_error(ERROR_STATUS, ERROR_BODY)
 
     def log_exception(self, exc_info):
         logger.error('%s: application failed on %r',

@@ -194,6 +194,38 @@ class Client:
                 self.queue[:0] = others
                 return response
 
+    def until_closed(self):
+        """Read to the end of the connection: (STDOUT bytes, the request
+        ids of the END_REQUESTs that came).  What follows the last whole
+        record may be a cut record or the abort marker (a header of
+        version 0)."""
+        records = list(self.queue)
+        self.queue = []
+        assert not self.parser.in_record
+        data = bytearray()
+        while True:
+            try:
+                chunk = self.sock.recv(1 << 16)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            data += chunk
+        pos = 0
+        while pos + 8 <= len(data):
+            version, rtype, rid, length, padding = struct.unpack_from(
+                '!BBHHBx', data, pos)
+            end = pos + 8 + length + padding
+            if version != 1 or end > len(data):
+                break
+            records.append(Record(rtype, rid,
+                                  bytes(data[pos + 8:pos + 8 + length])))
+            pos = end
+        stdout = b''.join(r.content for r in records
+                          if r.type == FCGI_STDOUT)
+        return stdout, [r.request_id for r in records
+                        if r.type == FCGI_END_REQUEST]
+
     def is_closed(self):
         """True when the server closed the connection (reads to EOF)."""
         try:
@@ -315,6 +347,18 @@ def e2e_app(environ, start_response):
         return [b'three cookies']
     if path == '/fail':
         raise RuntimeError('the e2e app fails on purpose')
+    if path == '/raise':
+        if environ['QUERY_STRING'] == 'timeout':
+            with gevent.Timeout(0.01):
+                gevent.sleep(1)
+        raise {'exit': SystemExit(3),
+               'interrupt': KeyboardInterrupt()}[environ['QUERY_STRING']]
+    if path.endswith('/cut'):         # a failure after the body began
+        def cut():
+            yield b'first\n'
+            raise RuntimeError('the e2e app fails after its body began')
+        start_response('200 OK', [('Content-Type', 'text/plain')])
+        return cut()
     if path == '/inflight':           # what this connection carries now
         request = environ['fastcgi.request']
         gevent.sleep(float(environ['QUERY_STRING'] or 0.3))
@@ -1405,6 +1449,117 @@ class TestRequests:
         assert len({greenlet_id for greenlet_id, _ in seen}) == 1
         assert [value for _, value in seen] == ['nobody'] * 3
 
+    @pytest.mark.parametrize('kind', ['gevent.Timeout', 'SystemExit',
+                                      'KeyboardInterrupt', 'GreenletExit'])
+    def test_any_base_exception_is_a_500_and_frees_its_slot(self, serve,
+                                                            caplog, kind):
+        def app(environ, start_response):
+            if environ['PATH_INFO'] == '/raise':
+                if kind == 'gevent.Timeout':
+                    with gevent.Timeout(0.01):      # the common pattern
+                        gevent.sleep(1)
+                raise {'SystemExit': SystemExit(3),
+                       'KeyboardInterrupt': KeyboardInterrupt(),
+                       'GreenletExit': gevent.GreenletExit()}[kind]
+            return hello_app(environ, start_response)
+        server = serve(app, max_reqs=3)
+        client = Client(server.address)
+        for _ in range(4):                          # more than max_reqs
+            client.request(environ={'PATH_INFO': '/raise'})
+            response = client.response()
+            assert response.status == 500 and response.app_status == 1
+        assert server.active_requests == 0
+        client.request(environ={'PATH_INFO': '/'})
+        assert client.response().body == b'Hello, World'
+        failures = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(failures) == 4 and all(r.exc_info for r in failures)
+
+    def test_system_exit_from_a_request_stops_no_server(self):
+        port = free_port()
+        proc = start_server_process(['--bind', '127.0.0.1:%d' % port,
+                                     'test_gevent_fastcgi:e2e_app'], port)
+        try:
+            for query in ('exit', 'interrupt', 'timeout'):
+                assert raw_get(('127.0.0.1', port),
+                               '/raise?' + query).status == 500
+            assert raw_get(('127.0.0.1', port)).body == b'Hello, World'
+            assert proc.poll() is None
+        finally:
+            assert stop_process(proc) == 0
+        log = proc.stdout.read().decode(errors='replace')
+        assert log.count('application failed') == 3, log
+
+    def test_a_stray_timer_never_reaches_a_later_request(self, serve):
+        def app(environ, start_response):
+            if environ['PATH_INFO'] == '/leave-a-timer':
+                gevent.Timeout(0.2).start()         # and never cancelled
+                start_response('200 OK', [])
+                return [b'left a timer']
+            gevent.sleep(0.5)               # the stray fires meanwhile
+            start_response('200 OK', [])
+            return [b'unharmed']
+        server = serve(app)
+        client = Client(server.address)
+        client.request(environ={'PATH_INFO': '/leave-a-timer'})
+        assert client.response().body == b'left a timer'
+        for rid in (1, 2):                  # the next requests, one by one
+            client.request(rid=rid)
+            assert client.response(rid).body == b'unharmed'
+
+    def test_gevent_local_data_never_reaches_a_later_request(self, serve):
+        import gevent.local
+        stash = gevent.local.local()
+
+        def app(environ, start_response):
+            seen = getattr(stash, 'user', None)
+            stash.user = environ['QUERY_STRING']
+            start_response('200 OK', [])
+            return [repr(seen).encode()]
+        server = serve(app)
+        client = Client(server.address)
+        for rid, user in enumerate(('alice', 'bob', 'carol'), 1):
+            client.request(rid=rid, environ={'QUERY_STRING': user})
+            assert client.response(rid).body == b'None'
+
+    def test_greenlets_are_still_reused(self, serve):
+        seen = set()
+
+        def app(environ, start_response):
+            seen.add(id(greenlet.getcurrent()))
+            return hello_app(environ, start_response)
+        server = serve(app)
+        client = Client(server.address)
+        for rid in range(1, 21):
+            client.request(rid=rid)
+            client.response(rid)
+        assert len(seen) <= 2
+
+    @pytest.mark.parametrize('length', ['\u00b2', '9' * 5000, '-1', ' 5',
+                                        '0x10', '1e3'],
+                             ids=['superscript', '5000 digits', 'negative',
+                                  'space', 'hex', 'float'])
+    def test_a_content_length_that_is_not_digits_means_unknown(
+            self, serve, length):
+        seen = []
+
+        def app(environ, start_response):
+            seen.append(environ.get('CONTENT_LENGTH'))
+            return echo_app(environ, start_response)
+        server = serve(app, max_body_size=1000)
+        client = Client(server.address)
+        client.begin(1)
+        client.send(encode_records(FCGI_PARAMS, 1, encode_pairs(
+            {'REQUEST_METHOD': 'POST', 'CONTENT_LENGTH': length}.items()
+            if length.isascii() else [(b'REQUEST_METHOD', b'POST'),
+                                      (b'CONTENT_LENGTH',
+                                       length.encode('utf-8'))]))
+            + encode_records(FCGI_PARAMS, 1))
+        client.stdin(1, b'the body')
+        client.request(rid=2, environ={'PATH_INFO': '/other'})
+        assert client.response(1).body == b'the body'   # read to its end
+        assert client.response(2).status == 200        # the others go on
+        assert seen[0] is None
+
     def test_max_body_size(self, serve):
         server = serve(echo_app, max_body_size=1000)
         assert fetch(server, body=b'x' * 1000).body == b'x' * 1000
@@ -1452,6 +1607,111 @@ class TestTransport:
         right.close()
         assert bytes(transport.receive()) == b''
         left.close()
+
+
+class TestCutShort:
+    """A record goes out whole or its connection closes; a response cut
+    short never looks complete."""
+
+    @pytest.mark.parametrize('how', ['request_timeout', 'app_timeout'])
+    def test_an_interrupted_send_never_leaves_a_cut_record(self, serve, how):
+        chunk = b'x' * 100003       # records never end at a buffer's end
+        started = gevent.event.Event()
+
+        def app(environ, start_response):
+            write = start_response('200 OK', [])
+            if environ['PATH_INFO'] == '/small':
+                return [b'small']
+            started.set()
+            if how == 'app_timeout':
+                with gevent.Timeout(0.3, False):
+                    for _ in range(300):        # 30 MB, nobody reads
+                        write(chunk)
+                return [b'after the timeout']
+            for _ in range(300):
+                write(chunk)
+            return []
+        server = serve(app, request_timeout=(0.3 if how == 'request_timeout'
+                                             else None))
+        client = Client(server.address, timeout=5)
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        client.request(rid=1)
+        client.request(rid=2, environ={'PATH_INFO': '/small'})
+        # the send blocks; the timeout interrupts it partway through a
+        # record: the connection closes, and nothing follows the cut
+        assert started.wait(5)
+        assert wait_for(lambda: not server.connections, timeout=5)
+        stdout, ends = client.until_closed()
+        assert ends == [] and b'after the timeout' not in stdout
+
+    def test_a_response_cut_short_ends_without_end_request(self, serve):
+        def app(environ, start_response):
+            write = start_response('200 OK', [])
+            write(b'partial')
+            raise RuntimeError('fails after its body began')
+        server = serve(app)
+        client = Client(server.address)
+        client.request()
+        stdout, ends = client.until_closed()
+        assert stdout.endswith(b'partial') and ends == []
+        assert wait_for(lambda: server.active_requests == 0)
+
+    def test_request_timeout_mid_stream_is_cut_short(self, serve):
+        def app(environ, start_response):
+            write = start_response('200 OK', [])
+            write(b'partial')
+            gevent.sleep(5)
+            return [b'never']
+        server = serve(app, request_timeout=0.2)
+        client = Client(server.address)
+        client.request()
+        stdout, ends = client.until_closed()
+        assert stdout.endswith(b'partial') and ends == []
+
+    def test_others_multiplexed_on_the_connection_complete(self, serve,
+                                                           caplog):
+        release = gevent.event.Event()
+
+        def app(environ, start_response):
+            write = start_response('200 OK', [])
+            if environ['PATH_INFO'] == '/fail':
+                write(b'partial')
+                raise RuntimeError('fails after its body began')
+            release.wait(5)
+            return [b'whole']
+        server = serve(app)
+        client = Client(server.address)
+        client.request(rid=1, environ={'PATH_INFO': '/slow'})
+        client.request(rid=2, environ={'PATH_INFO': '/fail'})
+        assert wait_for(lambda: any(c.abandoned for c in server.connections))
+        client.request(rid=3)           # refused: the connection is closing
+        assert client.response(3).protocol_status == FCGI_OVERLOADED
+        release.set()
+        assert client.response(1).body == b'whole'
+        stdout, ends = client.until_closed()
+        assert b'partial' in stdout and ends == []
+        assert wait_for(lambda: server.active_requests == 0)
+
+    def test_nginx_reports_a_cut_response_as_failed(self):
+        # Streamed (fastcgi_buffering off), as with gunicorn behind nginx:
+        # curl sees a truncated transfer (18), not a clean end of a chunked
+        # response; buffered, nginx drops the reply (52).  Never 0.
+        port = free_port()
+        server = start_server_process(['--bind', '127.0.0.1:%d' % port,
+                                       'test_gevent_fastcgi:e2e_app'], port)
+        nginx = Nginx('127.0.0.1:%d' % port)
+        try:
+            for path in ('/cut', '/nobuffer/cut', '/hello'):
+                result = subprocess.run(
+                    [which('curl'), '-sS', '-o', '/dev/null', '--max-time',
+                     '10', 'http://127.0.0.1:%d%s' % (nginx.port, path)],
+                    capture_output=True, text=True)
+                assert result.returncode == {'/hello': 0, '/cut': 52,
+                                             '/nobuffer/cut': 18}[path], (
+                    path, result.stderr)
+        finally:
+            nginx.stop()
+            assert stop_process(server) == 0
 
 
 class TestConnection:
@@ -2559,10 +2819,12 @@ class TestWSGIRequestHandler:
             except ValueError:
                 start_response('500 Oops', [], sys.exc_info())
             return [b'not reached']
-        response = fetch(serve(app))
-        assert response.status == 200
-        assert response.body == b'partial'
-        assert response.app_status == 1
+        client = Client(serve(app).address)
+        client.request()
+        stdout, ends = client.until_closed()
+        # the response is cut short, and the web server must see it fail:
+        # no END_REQUEST, the connection closes
+        assert stdout.endswith(b'partial') and ends == []
         assert any('late failure' in str(r.exc_info[1])
                    for r in caplog.records if r.exc_info)
 
@@ -2604,7 +2866,10 @@ class TestWSGIRequestHandler:
         if fail == 'abort':
             assert started.wait(5)
             client.send(encode_records(FCGI_ABORT_REQUEST, 1))
-        client.response()
+        if fail == 'iterate':
+            assert client.until_closed()[1] == []   # a response cut short
+        else:
+            client.response()
         assert wait_for(lambda: closed == [True])
 
     def test_failing_app_gets_a_generic_500(self, serve, caplog):
@@ -2745,6 +3010,29 @@ class TestWSGIRequestHandler:
 
 
 class TestWSGIRefRequestHandler:
+    @pytest.mark.parametrize('status, headers', [
+        ('200 OK', [('X-Injected', 'yes\r\nX-Evil: 1')]),
+        ('200 OK', [('X-Bad\r\nX-Evil', 'yes')]),
+        ('200 OK\r\n\r\n<script>', []),
+        ('200 OK', [('X-Name', 'caf\u00e9 \u2603')]),        # not latin-1
+        ('OK', []),
+    ], ids=['CRLF in value', 'CRLF in name', 'CRLF in status', 'not latin-1',
+            'no code'])
+    def test_refuses_what_the_wsgi_handler_refuses(self, serve, caplog,
+                                                   status, headers):
+        def app(environ, start_response):
+            start_response(status, headers)
+            return [b'body']
+        for handler in (WSGIRequestHandler, WSGIRefRequestHandler):
+            caplog.clear()
+            response = fetch(serve(handler(app)))
+            assert response.status == 500, handler
+            assert response.app_status in (0, 1)
+            assert b'Evil' not in response.stdout
+            assert b'<script>' not in response.stdout
+            assert len([r for r in caplog.records
+                        if r.levelno >= logging.ERROR]) == 1, handler
+
     def test_hello_and_no_environment_leak(self, serve, monkeypatch):
         monkeypatch.setenv('GEVENT_FASTCGI_SECRET', 'do-not-leak')
 
