@@ -2697,6 +2697,40 @@ def tune_malloc(keep_free: int = 4 * DEFAULT_SPOOL_SIZE) -> None:
         pass
 
 
+def reopen_log_files() -> None:
+    """SIGUSR1, logrotate's signal (as for nginx and gunicorn): reopen
+    the files this process logs to, the access log included."""
+    named = logging.Logger.manager.loggerDict.values()
+    for log in [logging.getLogger()] + [log for log in named
+                                        if isinstance(log, logging.Logger)]:
+        for handler in log.handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.acquire()
+                try:
+                    if handler.stream is not None:
+                        handler.stream.close()
+                    handler.stream = handler._open()
+                finally:
+                    handler.release()
+
+
+def handle_signals(server, reload: str) -> list:
+    """The signals of a process that serves (a worker, or a server without
+    a master), handled in its event loop: TERM and INT stop gracefully, a
+    second one or QUIT at once; USR1 reopens log files; HUP (``reload``
+    says what it does), USR2 and WINCH are logged and ignored: no signal
+    an operator sends by habit stops a server by surprise."""
+    def ignored(name, what):
+        logger.info('%d: %s ignored%s', os.getpid(), name, what)
+    return [gevent.signal_handler(signal.SIGTERM, server.shutdown),
+            gevent.signal_handler(signal.SIGINT, server.shutdown),
+            gevent.signal_handler(signal.SIGQUIT, server.shutdown, True),
+            gevent.signal_handler(signal.SIGUSR1, reopen_log_files),
+            gevent.signal_handler(signal.SIGHUP, ignored, 'SIGHUP', reload),
+            gevent.signal_handler(signal.SIGUSR2, ignored, 'SIGUSR2', ''),
+            gevent.signal_handler(signal.SIGWINCH, ignored, 'SIGWINCH', '')]
+
+
 class Worker:
     """The master's record of one worker process."""
 
@@ -2706,112 +2740,27 @@ class Worker:
         self.heartbeat = heartbeat      # temporary file the worker touches
         self.started = time.monotonic()
         self.retiring = False           # sent SIGTERM
+        self.booted = False             # its heartbeat has begun
 
     def last_beat(self) -> float:
         """Seconds since the epoch of the last heartbeat; 0 before boot."""
         return os.fstat(self.heartbeat.fileno()).st_mtime
 
 
-class Arbiter:
-    """Runs ``server`` in ``server.num_workers`` forked processes.
-
-    SIGTERM, SIGINT: graceful stop.  SIGQUIT: stop at once.  SIGHUP: start a
-    new generation of workers, then stop the old one gracefully.  SIGTTIN,
-    SIGTTOU: one worker more, one fewer.
-    """
-
-    SIGNALS = ('SIGTERM', 'SIGINT', 'SIGQUIT', 'SIGHUP', 'SIGTTIN',
-               'SIGTTOU', 'SIGCHLD')
+class WorkerGroup:
+    """The master's record of its workers: spawning, retiring and reaping
+    them, boot failures, heartbeats, the generations of a reload.  (The
+    master's loop and its signals are Arbiter's.)"""
 
     def __init__(self, server: 'FastCGIServer') -> None:
         self.server = server
         self.num_workers = server.num_workers
         self.workers: Dict[int, Worker] = {}
         self.generation = 0
-        self.signal_queue: List[int] = []
-        self.running = False
-        self.exit_status = 0
-        self._wake_r = self._wake_w = None
-
-    # -- the master's loop ----------------------------------------------------
-
-    def run(self) -> int:
-        import select
-        self._wake_r, self._wake_w = os.pipe()
-        for fd in (self._wake_r, self._wake_w):
-            os.set_blocking(fd, False)
-        for name in self.SIGNALS:
-            signal.signal(getattr(signal, name), self._queue_signal)
-        self.running = True
-        logger.info('master %d: serving %s with %d workers', os.getpid(),
-                    ', '.join(describe_address(a) for a in self.server.addresses),
-                    self.num_workers)
-        try:
-            self.spawn_workers()
-            while self.running:
-                while self.signal_queue and self.running:
-                    signum = self.signal_queue.pop(0)
-                    name = signal.Signals(signum).name
-                    getattr(self, 'handle_' + name[3:].lower())()
-                if not self.running:
-                    break
-                self.reap_workers()
-                self.check_heartbeats()
-                self.finish_reload()
-                self.spawn_workers()
-                try:
-                    select.select([self._wake_r], [], [], 1.0)
-                    os.read(self._wake_r, 4096)
-                except (InterruptedError, BlockingIOError):
-                    pass
-        finally:
-            for name in self.SIGNALS:
-                signal.signal(getattr(signal, name), signal.SIG_DFL)
-            os.close(self._wake_r)
-            os.close(self._wake_w)
-            self.server.close()
-            self.server._remove_unix_sockets()
-        logger.info('master %d: stopped', os.getpid())
-        return self.exit_status
-
-    def _queue_signal(self, signum, frame) -> None:
-        self.signal_queue.append(signum)
-        try:
-            os.write(self._wake_w, b'.')
-        except OSError:
-            pass
-
-    # -- signals --------------------------------------------------------------
-
-    def handle_chld(self) -> None:
-        self.reap_workers()
-
-    def handle_term(self) -> None:
-        logger.info('master %d: graceful stop', os.getpid())
-        self.stop(graceful=True)
-
-    handle_int = handle_term
-
-    def handle_quit(self) -> None:
-        logger.info('master %d: immediate stop', os.getpid())
-        self.stop(graceful=False)
-
-    def handle_hup(self) -> None:
-        self.generation += 1
-        logger.info('master %d: reloading: starting worker generation %d',
-                    os.getpid(), self.generation)
-
-    def handle_ttin(self) -> None:
-        self.num_workers += 1
-        logger.info('master %d: %d workers', os.getpid(), self.num_workers)
-
-    def handle_ttou(self) -> None:
-        if self.num_workers > 1:
-            self.num_workers -= 1
-            logger.info('master %d: %d workers', os.getpid(),
-                        self.num_workers)
-
-    # -- workers --------------------------------------------------------------
+        self.served = False     # a worker booted: boot failures are retried
+        self.boot_delay = 0     # seconds, doubling with each boot failure
+        self.spawn_after = 0.0  # no spawning before (monotonic)
+        self.running = False    # the master serves: workers are replaced
 
     def current(self) -> List[Worker]:
         return [w for w in self.workers.values()
@@ -2819,7 +2768,8 @@ class Arbiter:
 
     def spawn_workers(self) -> None:
         current = self.current()
-        while self.running and len(current) < self.num_workers:
+        while (self.running and len(current) < self.num_workers
+               and time.monotonic() >= self.spawn_after):
             current.append(self.spawn_worker())
         # TTOU: the oldest of the current generation go first
         for worker in sorted(current, key=lambda w: w.started)[
@@ -2894,19 +2844,32 @@ class Arbiter:
                     self.kill(other.pid, signal.SIGKILL)
             self.generation = max(w.generation for w in older)
             return
-        logger.error('worker %d failed to boot (see the error above): '
-                     'stopping', worker.pid)
-        self.exit_status = WORKER_BOOT_ERROR
-        self.stop(graceful=False)
+        if not self.served:
+            logger.error('worker %d failed to boot (see the error above): '
+                         'stopping', worker.pid)
+            self.exit_status = WORKER_BOOT_ERROR
+            self.stop(graceful=False)
+            return
+        # Code that served once and now fails to import (a broken deploy
+        # found by a replacement worker): the workers that serve go on,
+        # and the boot is tried again, less and less often.
+        self.boot_delay = min(max(1, self.boot_delay * 2), 60)
+        self.spawn_after = time.monotonic() + self.boot_delay
+        logger.error('worker %d failed to boot (see the error above): %d '
+                     'workers serve; next try in %ds', worker.pid,
+                     len(self.workers), self.boot_delay)
 
     def check_heartbeats(self) -> None:
+        """Note workers that have booted; kill those whose event loop has
+        been blocked past worker_timeout."""
         timeout = self.server.worker_timeout
-        if not timeout:
-            return
         now = time.time()
         for worker in list(self.workers.values()):
             beat = worker.last_beat()
-            if beat and now - beat > timeout:
+            if beat and not worker.booted:
+                worker.booted = self.served = True
+                self.boot_delay = 0
+            if timeout and beat and now - beat > timeout:
                 logger.error('worker %d: event loop blocked for more than %gs '
                              '(worker_timeout): killed', worker.pid, timeout)
                 self.kill(worker.pid, signal.SIGKILL)
@@ -2918,6 +2881,118 @@ class Arbiter:
         except ProcessLookupError:
             pass
 
+
+class Arbiter(WorkerGroup):
+    """Runs ``server`` in ``server.num_workers`` forked processes.
+
+    SIGTERM, SIGINT: graceful stop; a second one, or SIGQUIT: stop at once.
+    SIGHUP: start a new generation of workers, then stop the old one
+    gracefully.  SIGTTIN, SIGTTOU: one worker more, one fewer.  SIGUSR1:
+    reopen log files (logrotate).  SIGUSR2, SIGWINCH: ignored, logged.
+    """
+
+    SIGNALS = ('SIGTERM', 'SIGINT', 'SIGQUIT', 'SIGHUP', 'SIGTTIN',
+               'SIGTTOU', 'SIGCHLD', 'SIGUSR1', 'SIGUSR2', 'SIGWINCH')
+    STOP_SIGNALS = frozenset((signal.SIGTERM, signal.SIGINT, signal.SIGQUIT))
+
+    def __init__(self, server: 'FastCGIServer') -> None:
+        super().__init__(server)
+        self.signal_queue: List[int] = []
+        self.pid = os.getpid()
+        self.exit_status = 0
+        self._wake_r = self._wake_w = None
+
+    # -- the master's loop ----------------------------------------------------
+
+    def run(self) -> int:
+        import select
+        self._wake_r, self._wake_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
+        for name in self.SIGNALS:
+            signal.signal(getattr(signal, name), self._queue_signal)
+        self.running = True
+        logger.info('master %d: serving %s with %d workers', os.getpid(),
+                    ', '.join(describe_address(a) for a in self.server.addresses),
+                    self.num_workers)
+        try:
+            self.spawn_workers()
+            while self.running:
+                while self.signal_queue and self.running:
+                    signum = self.signal_queue.pop(0)
+                    name = signal.Signals(signum).name
+                    getattr(self, 'handle_' + name[3:].lower())()
+                if not self.running:
+                    break
+                self.reap_workers()
+                self.check_heartbeats()
+                self.finish_reload()
+                self.spawn_workers()
+                try:
+                    select.select([self._wake_r], [], [], 1.0)
+                    os.read(self._wake_r, 4096)
+                except (InterruptedError, BlockingIOError):
+                    pass
+        finally:
+            for name in self.SIGNALS:
+                signal.signal(getattr(signal, name), signal.SIG_DFL)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self.server.close()
+            self.server._remove_unix_sockets()
+        logger.info('master %d: stopped', os.getpid())
+        return self.exit_status
+
+    def _queue_signal(self, signum, frame) -> None:
+        self.signal_queue.append(signum)
+        try:
+            os.write(self._wake_w, b'.')
+        except OSError:
+            pass
+
+    # -- signals --------------------------------------------------------------
+
+    def handle_chld(self) -> None:
+        self.reap_workers()
+
+    def handle_term(self) -> None:
+        logger.info('master %d: graceful stop', os.getpid())
+        self.stop(graceful=True)
+
+    handle_int = handle_term
+
+    def handle_quit(self) -> None:
+        logger.info('master %d: immediate stop', os.getpid())
+        self.stop(graceful=False)
+
+    def handle_hup(self) -> None:
+        self.generation += 1
+        logger.info('master %d: reloading: starting worker generation %d',
+                    os.getpid(), self.generation)
+
+    def handle_usr1(self) -> None:
+        logger.info('master %d: reopening log files', os.getpid())
+        reopen_log_files()
+        for worker in self.workers.values():
+            self.kill(worker.pid, signal.SIGUSR1)
+
+    def handle_usr2(self) -> None:
+        logger.warning('master %d: SIGUSR2 ignored (there is no binary '
+                       'upgrade; SIGHUP reloads the application)', os.getpid())
+
+    def handle_winch(self) -> None:
+        logger.info('master %d: SIGWINCH ignored', os.getpid())
+
+    def handle_ttin(self) -> None:
+        self.num_workers += 1
+        logger.info('master %d: %d workers', os.getpid(), self.num_workers)
+
+    def handle_ttou(self) -> None:
+        if self.num_workers > 1:
+            self.num_workers -= 1
+            logger.info('master %d: %d workers', os.getpid(),
+                        self.num_workers)
+
     def stop(self, graceful: bool = True) -> None:
         self.running = False
         for worker in self.workers.values():
@@ -2926,6 +3001,13 @@ class Arbiter:
         deadline = time.monotonic() + (self.server.stop_timeout + 2
                                        if graceful else 3)
         while self.workers and time.monotonic() < deadline:
+            if graceful and self.STOP_SIGNALS.intersection(self.signal_queue):
+                # a second stop signal (a QUIT after a TERM, a second INT)
+                logger.info('master %d: stopping at once', os.getpid())
+                graceful = False
+                for worker in self.workers.values():
+                    self.kill(worker.pid, signal.SIGQUIT)
+                deadline = min(deadline, time.monotonic() + 3)
             self.reap_workers()
             time.sleep(0.02)
         for worker in list(self.workers.values()):
@@ -2943,12 +3025,16 @@ class Arbiter:
         status = 1
         try:
             for name in self.SIGNALS:
-                signal.signal(getattr(signal, name), signal.SIG_DFL)
+                # until the worker's own handlers: as an unsupervised
+                # process would, except that a habit does not kill it
+                signal.signal(getattr(signal, name), signal.SIG_IGN
+                              if name in ('SIGUSR1', 'SIGUSR2', 'SIGWINCH')
+                              else signal.SIG_DFL)
             os.close(self._wake_r)
             os.close(self._wake_w)
             for other in self.workers.values():
                 other.heartbeat.close()
-            status = run_worker(self.server, heartbeat)
+            status = run_worker(self.server, heartbeat, self.pid)
         except BaseException:
             logger.exception('worker %d failed', os.getpid())
         finally:
@@ -2956,7 +3042,7 @@ class Arbiter:
             os._exit(status)
 
 
-def run_worker(server, heartbeat) -> int:
+def run_worker(server, heartbeat, master: int) -> int:
     """A worker's life: load the application, serve until told to stop
     (or until max_requests), touching ``heartbeat`` from the event loop;
     return the worker's exit status."""
@@ -2979,23 +3065,35 @@ def run_worker(server, heartbeat) -> int:
                         '(max_requests)', os.getpid(), server.requests_served)
             server.shutdown()
         server.retire = retire
+        logger.info('worker %d: retires after %d requests (max_requests)',
+                    os.getpid(), server.retire_after)
     server.start()
-    beat = _heartbeat(heartbeat.fileno(), server.worker_timeout)
-    gevent.signal_handler(signal.SIGTERM, server.shutdown)
-    gevent.signal_handler(signal.SIGINT, server.shutdown)
-    gevent.signal_handler(signal.SIGQUIT, server.shutdown, True)
-    gevent.signal_handler(signal.SIGHUP, lambda: None)
+    beat = _heartbeat(server, heartbeat.fileno(), master)
+    handle_signals(server, ' (the master reloads)')
     server.serve_until_shutdown()
     beat.close()
     return 0
 
 
-def _heartbeat(fd: int, worker_timeout: Optional[float]):
-    """Touch ``fd`` now and then from the event loop (a timer, no greenlet)."""
+def _heartbeat(server, fd: int, master: int):
+    """Touch ``fd`` now and then from the event loop (a timer, no greenlet);
+    stop the worker once its master is gone (killed, or out of memory): a
+    worker left behind would serve old code, and keep a new server from
+    its address."""
+
+    def beat():
+        if os.getppid() == master:
+            os.utime(fd)
+            return
+        logger.error('worker %d: master %d is gone: stopping', os.getpid(),
+                     master)
+        timer.stop()
+        server.shutdown()
     os.utime(fd)
-    interval = min(1.0, worker_timeout / 4.0) if worker_timeout else 1.0
+    timeout = server.worker_timeout
+    interval = min(1.0, timeout / 4.0) if timeout else 1.0
     timer = gevent.get_hub().loop.timer(interval, interval)
-    timer.start(os.utime, fd)
+    timer.start(beat)
     return timer
 
 
@@ -3153,10 +3251,14 @@ class FastCGIServer(StreamServer):
 
     def shutdown(self, at_once: bool = False) -> None:
         """Ask serve_forever() (or a worker's loop) to stop: gracefully,
-        or ``at_once`` without waiting for requests in flight.  What the
-        stop signals call."""
-        if at_once:
+        or ``at_once`` without waiting for requests in flight, as a second
+        call does too (a QUIT after a TERM, a second INT).  What the stop
+        signals call."""
+        if at_once or self._stop_requested.is_set():
             self.stop_timeout = 0
+            if self.stopping:       # already draining: cut it short
+                for connection in list(self.connections):
+                    connection.close()
         self._stop_requested.set()
 
     def serve_until_shutdown(self) -> None:
@@ -3179,10 +3281,8 @@ class FastCGIServer(StreamServer):
             self.request_handler = self.request_handler.load()
         handlers = []
         if threading.current_thread() is threading.main_thread():
-            handlers = [
-                gevent.signal_handler(signal.SIGTERM, self.shutdown),
-                gevent.signal_handler(signal.SIGINT, self.shutdown),
-                gevent.signal_handler(signal.SIGQUIT, self.shutdown, True)]
+            handlers = handle_signals(self, ': there is no reload without '
+                                      'a master (--workers)')
         try:
             self.serve_until_shutdown()
         finally:
@@ -3196,10 +3296,23 @@ class FastCGIServer(StreamServer):
 # ---------------------------------------------------------------------------
 
 def write_pid_file(path: str) -> None:
-    tmp = '%s.%d.tmp' % (path, os.getpid())
-    with open(tmp, 'w') as f:
-        f.write('%d\n' % os.getpid())
-    os.replace(tmp, path)       # never a half-written pid file
+    """Write our pid to ``path``, never through a symlink someone planted
+    (a server started as root would write into any file): the pid goes
+    into a new file of an unpredictable name (O_EXCL), which then replaces
+    whatever ``path`` was, a half-written pid file never seen."""
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix='.%s.' % name, dir=folder)
+    try:
+        with os.fdopen(fd, 'w') as f:
+            f.write('%d\n' % os.getpid())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def remove_pid_file(path: str) -> None:

@@ -488,6 +488,9 @@ class Master:
         for line in self.proc.stdout:
             self.lines.append(line.decode(errors='replace'))
 
+    def log_count(self, text):
+        return sum(text in line for line in self.lines)
+
     def wait_log(self, text, timeout=10):
         """Wait until a line of the master's log holds ``text``."""
         return wait_for(lambda: any(text in line for line in self.lines),
@@ -3431,6 +3434,168 @@ def pid_app(environ, start_response):
     start_response('200 OK', [('Content-Type', 'text/plain')])
     return [str(os.getpid()).encode()]
 '''
+
+
+def alive(pid):
+    """Is process ``pid`` running (not gone, not a zombie)?"""
+    try:
+        with open('/proc/%d/status' % pid) as f:
+            return '\nState:\tZ' not in f.read()
+    except FileNotFoundError:
+        return False
+
+
+class TestWhenThingsGoWrong:
+    """What operators meet: broken deploys, a killed master, signals sent
+    by habit, impatience, and files planted by others."""
+
+    def test_a_broken_deploy_never_takes_down_the_workers_that_serve(
+            self, tmp_path):
+        module = tmp_path / 'breakable.py'
+        module.write_text('def app(environ, start_response):\n'
+                          '    start_response("200 OK", [])\n'
+                          '    return [b"good code"]\n')
+        master = Master('--workers', '2', app='breakable:app',
+                        cwd=str(tmp_path),
+                        env={'PYTHONDONTWRITEBYTECODE': '1'})
+        try:
+            assert master.wait_workers(2)
+            assert raw_get(master.address).body == b'good code'
+            good = module.read_text()
+            module.write_text('this is not python\n')     # deployed, no HUP
+            victim = sorted(master.workers())[0]
+            os.kill(victim, signal.SIGKILL)    # a crash, an OOM kill...
+            assert master.wait_log('next try in')
+            # the replacement cannot boot; the survivor serves on
+            for _ in range(20):
+                assert raw_get(master.address).body == b'good code'
+            assert master.proc.poll() is None
+            assert master.wait_log('next try in 2s')    # tried again, later
+            module.write_text(good)                     # the fix
+            assert master.wait_workers(2, timeout=15)
+            assert wait_for(lambda: master.log_count('failed to boot') >= 2)
+        finally:
+            assert master.stop() == 0
+
+    def test_workers_stop_when_their_master_is_killed(self):
+        master = Master('--workers', '2')
+        assert master.wait_workers(2)
+        workers = master.workers()
+        os.kill(master.proc.pid, signal.SIGKILL)
+        master.proc.wait(5)
+        t0 = time.monotonic()
+        assert wait_for(lambda: not any(map(alive, workers)), timeout=5)
+        print('workers gone %.2fs after their master' % (
+            time.monotonic() - t0))
+        assert time.monotonic() - t0 < 2.5
+        # and the address is free for a new server
+        proc = start_server_process(['--bind', '127.0.0.1:%d' % master.port,
+                                     'test_gevent_fastcgi:e2e_app'],
+                                    master.port)
+        try:
+            assert raw_get(master.address).body == b'Hello, World'
+        finally:
+            assert stop_process(proc) == 0
+            master.stop()
+        assert 'is gone: stopping' in master.log
+
+    def test_habitual_signals_never_stop_a_master(self):
+        master = Master('--workers', '1')
+        try:
+            assert master.wait_workers(1)
+            workers = master.workers()
+            for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH):
+                master.signal(sig)
+                assert raw_get(master.address).body == b'Hello, World'
+            assert master.wait_log('SIGWINCH ignored')
+            assert master.proc.poll() is None and master.workers() == workers
+        finally:
+            assert master.stop() == 0
+
+    def test_habitual_signals_never_stop_a_single_process(self):
+        port = free_port()
+        proc = start_server_process(['--bind', '127.0.0.1:%d' % port,
+                                     'test_gevent_fastcgi:e2e_app'], port)
+        try:
+            for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH,
+                        signal.SIGHUP):
+                proc.send_signal(sig)
+                assert raw_get(('127.0.0.1', port)).body == b'Hello, World'
+            assert proc.poll() is None
+        finally:
+            assert stop_process(proc) == 0
+
+    def test_usr1_reopens_the_access_log(self, tmp_path):
+        log = tmp_path / 'access.log'
+        master = Master('--workers', '1', '--access-log', str(log))
+        try:
+            assert raw_get(master.address, '/first').status == 200
+            assert wait_for(lambda: log.exists() and 'GET /first'
+                            in log.read_text())
+            os.rename(log, tmp_path / 'access.log.1')       # logrotate
+            master.signal(signal.SIGUSR1)
+            assert master.wait_log('reopening log files')
+            assert wait_for(lambda: raw_get(master.address, '/second')
+                            and log.exists() and 'GET /second'
+                            in log.read_text())
+            assert 'GET /first' not in log.read_text()
+        finally:
+            assert master.stop() == 0
+
+    @pytest.mark.parametrize('second', ['SIGQUIT', 'SIGINT', 'SIGTERM'])
+    @pytest.mark.parametrize('workers', [[], ['--workers', '1']],
+                             ids=['single process', 'master'])
+    def test_a_second_stop_signal_stops_at_once(self, tmp_path, second,
+                                                workers):
+        started = tmp_path / 'started'
+        port = free_port()
+        proc = start_server_process(['--bind', '127.0.0.1:%d' % port]
+                                    + workers
+                                    + ['test_gevent_fastcgi:e2e_app'], port)
+        try:
+            def slow_request():
+                try:
+                    raw_get(('127.0.0.1', port), '/sleep?60,%s' % started,
+                            timeout=60)
+                except (AssertionError, OSError):
+                    pass                # cut short: that is the point
+            slow = threading.Thread(target=slow_request, daemon=True)
+            slow.start()
+            assert wait_for(started.exists, timeout=10)
+            proc.send_signal(signal.SIGTERM)    # graceful: would wait 30 s
+            time.sleep(0.2)
+            t0 = time.monotonic()
+            proc.send_signal(getattr(signal, second))
+            proc.wait(10)
+            assert time.monotonic() - t0 < 5
+        finally:
+            stop_process(proc, signal.SIGKILL)
+
+    def test_max_requests_jitter_is_drawn_in_each_worker(self):
+        master = Master('--workers', '2', '--max-requests', '1000',
+                        '--max-requests-jitter', '1000000')
+        try:
+            assert wait_for(lambda: master.log_count('retires after') == 2,
+                            timeout=10)
+            counts = {int(re.search(r'retires after (\d+)', line).group(1))
+                      for line in master.lines if 'retires after' in line}
+            assert len(counts) == 2, counts   # equal: 1 chance in a million
+        finally:
+            assert master.stop() == 0
+
+    def test_the_pid_file_is_never_written_through_a_symlink(self, tmp_path):
+        victim = tmp_path / 'victim'
+        victim.write_text('precious\n')
+        path = tmp_path / 'server.pid'
+        os.symlink(victim, path)
+        # and where the earlier versions put their temporary file
+        os.symlink(victim, '%s.%d.tmp' % (path, os.getpid()))
+        fcgi.write_pid_file(str(path))
+        assert victim.read_text() == 'precious\n'
+        assert not path.is_symlink()
+        assert path.read_text() == '%d\n' % os.getpid()
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            'server.pid', 'server.pid.%d.tmp' % os.getpid(), 'victim']
 
 
 class TestProcessModel:
