@@ -526,6 +526,8 @@ def decode_end_request(content: bytes) -> Tuple[int, int]:
 # request's greenlet in sendall (back-pressure) and memory does not grow.
 
 DEFAULT_SPOOL_SIZE = 1024 * 1024
+_PIECE_COST = 64    # bytes a held piece costs beyond its content
+_UNSPOOL_SIZE = 64 * 1024   # spooled input back to memory once this is left
 _NEVER = float('inf')
 DEFAULT_FLUSH_SIZE = 64 * 1024
 #: output at least this large is sent without joining it into one buffer
@@ -569,15 +571,24 @@ class InputStream:
         """Has input gone to a temporary file?"""
         return self._file is not None
 
+    @property
+    def spooled_bytes(self) -> int:
+        """Bytes in the temporary file (it goes once nearly all is read)."""
+        return self.received - self._file_start if self._file else 0
+
     # -- the connection's side --------------------------------------------
 
     def feed(self, data: bytes) -> None:
         if self._error is not None:
             return
         if self._file is None:
-            self._pieces.append(data)
+            pieces = self._pieces
+            pieces.append(data)
             self.received += len(data)
-            if self.received - self._pos > self.spool_size:
+            # Each piece held costs an object and a slot besides its bytes:
+            # counted, so that input cut into tiny records spools as soon.
+            if (self.received - self._pos + _PIECE_COST * len(pieces)
+                    > self.spool_size):
                 self._spool(self._unread_pieces())
         else:
             self._spool((data,))
@@ -663,7 +674,17 @@ class InputStream:
         self._pos += size
         if self._file is not None:
             self._file.seek(self._pos - size - self._file_start)
-            return self._file.read(size)
+            data = self._file.read(size)
+            left = self.received - self._pos
+            if left <= _UNSPOOL_SIZE:
+                # Nearly all read: the rest comes back to memory and the
+                # file goes, so that the disk holds only a backlog.
+                rest = self._file.read(left) if left else b''
+                self._file.close()
+                self._file = None
+                if rest:
+                    self._pieces.append(rest)
+            return data
         pieces = self._pieces
         piece = pieces[0]
         start = self._offset
@@ -688,25 +709,28 @@ class InputStream:
                 size = 0
         return b''.join(taken)
 
-    def _line_length(self, limit: int) -> int:
+    def _line_length(self, limit: int, start: int = 0) -> int:
         """Length of the line that begins the unread input, newline
-        included, looking no further than ``limit`` bytes; -1 if no newline
-        is there."""
+        included, looking at its bytes from ``start`` (those before hold no
+        newline) to ``limit``; -1 if no newline is there."""
         if self._file is not None:
-            self._file.seek(self._pos - self._file_start)
-            line = self._file.readline(limit)
-            return len(line) if line.endswith(b'\n') else -1
-        seen = 0
-        start = self._offset
+            self._file.seek(self._pos - self._file_start + start)
+            line = self._file.readline(limit - start)
+            return start + len(line) if line.endswith(b'\n') else -1
+        seen = 0                    # unread bytes before this piece
+        offset = self._offset       # where this piece's unread bytes begin
         for piece in self._pieces:
-            stop = min(len(piece), start + limit - seen)
-            found = piece.find(b'\n', start, stop)
-            if found >= 0:
-                return seen + found - start + 1
-            seen += stop - start
+            size = len(piece) - offset
+            if seen + size > start:
+                begin = offset + max(0, start - seen)
+                found = piece.find(b'\n', begin,
+                                   min(len(piece), offset + limit - seen))
+                if found >= 0:
+                    return seen + found - offset + 1
+            seen += size
             if seen >= limit:
                 break
-            start = 0
+            offset = 0
         return -1
 
     def read(self, size: int = -1) -> bytes:
@@ -718,16 +742,19 @@ class InputStream:
     def readline(self, size: int = -1) -> bytes:
         if size is None:
             size = -1
+        scanned = 0     # unread bytes known to hold no newline: not again
         while True:
             if self._error is not None:
                 raise self._error
             available = self.received - self._pos
             limit = available if size < 0 else min(size, available)
-            length = self._line_length(limit) if limit > 0 else -1
+            length = (self._line_length(limit, scanned) if limit > scanned
+                      else -1)
             if length < 0 and (self.eof or (size >= 0 and limit >= size)):
                 length = limit
             if length >= 0:
                 return self._take(length) if length else b''
+            scanned = limit
             self._wait(self.received + 1)
 
     def readlines(self, hint: int = -1) -> List[bytes]:
@@ -885,6 +912,20 @@ TOO_LARGE_BODY = '413 Content Too Large'
 access_logger = logging.getLogger('gevent_fastcgi.access')
 
 
+_LOG_UNSAFE = re.compile('[^\x20-\x7e]|["\\\\]')
+
+
+def _log_escape(text: str) -> str:
+    """As nginx and Apache write them: '"', '\\', control characters and
+    bytes past ASCII as \\xHH, so that a client can neither forge fields
+    nor send terminal escapes to whoever reads the log."""
+    if text.isascii() and text.isprintable() and '"' not in text \
+            and '\\' not in text:
+        return text
+    return _LOG_UNSAFE.sub(lambda match: '\\x%02X' % (ord(match.group())
+                                                       & 0xFF), text)
+
+
 def log_access(request: 'Request', started: float) -> None:
     """One line per request in the combined log format, followed by the
     duration in microseconds (Apache's %D)."""
@@ -899,12 +940,14 @@ def log_access(request: 'Request', started: float) -> None:
         size = request.stdout.bytes_written
     access_logger.info(
         '%s - %s [%s] "%s %s %s" %s %s "%s" "%s" %d',
-        environ.get('REMOTE_ADDR', '-'), environ.get('REMOTE_USER') or '-',
+        _log_escape(environ.get('REMOTE_ADDR', '-')),
+        _log_escape(environ.get('REMOTE_USER') or '-'),
         time.strftime('%d/%b/%Y:%H:%M:%S %z', time.localtime(started)),
-        environ.get('REQUEST_METHOD', '-'), uri,
-        environ.get('SERVER_PROTOCOL', '-'), request.status_code or '-',
-        size or '-', environ.get('HTTP_REFERER', '-'),
-        environ.get('HTTP_USER_AGENT', '-'),
+        _log_escape(environ.get('REQUEST_METHOD', '-')), _log_escape(uri),
+        _log_escape(environ.get('SERVER_PROTOCOL', '-')),
+        request.status_code or '-', size or '-',
+        _log_escape(environ.get('HTTP_REFERER', '-')),
+        _log_escape(environ.get('HTTP_USER_AGENT', '-')),
         int((time.time() - started) * 1e6))
 
 
@@ -1053,7 +1096,7 @@ class Request:
     __slots__ = ('connection', 'server', 'id', 'role', 'keep_conn', 'environ',
                  '_stdin', 'data', 'stdout', '_stderr', 'greenlet', 'ended',
                  'status_code', 'body_size', 'params_done', '_params',
-                 '_params_size', 'response_cut', '__weakref__')
+                 'response_cut', '__weakref__')
 
     def __init__(self, connection, request_id: int, role: int,
                  keep_conn: bool) -> None:
@@ -1079,8 +1122,7 @@ class Request:
         self.ended = False              # END_REQUEST sent, or connection lost
         self.response_cut = False       # failed after output was sent
         self.params_done = False
-        self._params: List[bytes] = []
-        self._params_size = 0
+        self._params = b''              # PARAMS so far, one buffer
 
     @property
     def stdin(self) -> InputStream:
@@ -1121,18 +1163,23 @@ class Request:
                                 'stream ended' % self.id)
         server = self.server
         if content:
-            self._params_size += len(content)
-            if self._params_size > server.max_params_size:
+            params = self._params
+            if len(params) + len(content) > server.max_params_size:
                 self.refuse(TOO_LARGE_HEADERS, 'FCGI_PARAMS over %d bytes'
                             % server.max_params_size)
+            elif not params:
+                self._params = content
             else:
-                self._params.append(content)
+                # One growing buffer, not a list of records: a stream cut
+                # into 2-byte records costs what its bytes cost.
+                if type(params) is bytes:
+                    params = self._params = bytearray(params)
+                params += content
             return False
         self.params_done = True
         params = self._params
         self._params = None
-        environ = self.environ = decode_environ(
-            params[0] if len(params) == 1 else b''.join(params))
+        environ = self.environ = decode_environ(params)
         if len(environ) > server.max_params:
             self.refuse(TOO_LARGE_HEADERS, '%d FCGI_PARAMS, more than %d'
                         % (len(environ), server.max_params))
@@ -1175,6 +1222,17 @@ class Request:
                         % max_body)
             return
         stream.feed(content)
+        spooled = stream.spooled_bytes
+        if spooled > self.server.max_spool_size:
+            self.refuse(TOO_LARGE_BODY, 'more than max_spool_size %d bytes '
+                        'of body waiting unread on disk'
+                        % self.server.max_spool_size)
+        elif spooled:
+            # The application is behind: let it read before we read on
+            # (the connection greenlet would not yield while input keeps
+            # coming, and a reading application would find its input
+            # over max_spool_size).  feed() copied out all it returned.
+            gevent.sleep(0)
 
     # -- ending it -------------------------------------------------------------
 
@@ -2338,6 +2396,9 @@ SERVER_OPTIONS = [
            'sending a request; then the connection is closed (default 60)'),
     Option('max_body_size', '--max-body-size', _optional(_to_int(0)), None,
            'most bytes of request body; beyond, 413 (default: no limit)'),
+    Option('max_spool_size', '--max-spool-size', _to_int(0), 100 * 1024 * 1024,
+           'most bytes of one request body waiting unread in its temporary '
+           'file; beyond, 413 (default 104857600: 100 MiB)'),
     Option('script_name', '--script-name', _optional(_to_script_name), None,
            'where the application is mounted (empty for /, or /prefix): '
            'SCRIPT_NAME and PATH_INFO are set from it and the request path, '
@@ -2579,11 +2640,20 @@ def _web_server_addrs():
         if not item:
             continue
         try:
-            allowed.add(ipaddress.ip_address(item))
+            address = ipaddress.ip_address(item)
         except ValueError:
             raise ValueError('FCGI_WEB_SERVER_ADDRS: %r is not an IP address'
                              % item) from None
+        # as peers are: '::ffff:127.0.0.1' is the IPv4 peer it names
+        allowed.add(_unmapped(address))
     return allowed
+
+
+def _unmapped(address):
+    """An IPv4-mapped IPv6 address as the IPv4 address it is."""
+    if address.version == 6 and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 def _peer_allowed(address, allowed) -> bool:
@@ -2595,9 +2665,7 @@ def _peer_allowed(address, allowed) -> bool:
         peer = ipaddress.ip_address(address[0].split('%')[0])
     except ValueError:
         return False
-    if peer.version == 6 and peer.ipv4_mapped is not None:
-        peer = peer.ipv4_mapped
-    return peer in allowed
+    return _unmapped(peer) in allowed
 
 
 def _chown(path: str, owner: str) -> None:
@@ -3142,6 +3210,7 @@ class FastCGIServer(StreamServer):
         for name in ('num_workers', 'max_conns', 'max_reqs', 'socket_mode',
                      'socket_owner', 'spool_size', 'max_params_size',
                      'max_params', 'stop_timeout', 'max_body_size',
+                     'max_spool_size',
                      'read_timeout', 'script_name', 'max_requests',
                      'max_requests_jitter', 'request_timeout',
                      'worker_timeout'):

@@ -1270,12 +1270,17 @@ class TestInputStream:
         for piece in pieces:
             stream.feed(piece)
         stream.feed_eof()
+        total = sum(map(len, pieces))
+        if total > spool_size:
+            assert stream.spooled
+        elif total + fcgi._PIECE_COST * len(pieces) <= spool_size:
+            assert not stream.spooled       # (each piece held counts too)
         model = io.BytesIO(b''.join(pieces))
         for method, size in reads:
             assert getattr(stream, method)(size) == \
                 getattr(model, method)(size)
         assert stream.read() == model.read()
-        assert stream.spooled == (sum(map(len, pieces)) > spool_size)
+        assert not stream.spooled           # all read: the file is gone
         stream.close()
 
     def test_input_moves_to_disk_mid_read_and_reads_on(self):
@@ -1330,6 +1335,35 @@ class FakeRequest:
         self.connection = self
         self.transport = FakeTransport()
         self.sent = self.transport.sent
+
+
+class TestReadlineIsLinear:
+    def test_a_long_line_is_scanned_once(self, monkeypatch):
+        # readline() waiting for the end of a long line rescanned all it
+        # had each time more arrived: quadratic, 8 to 12 times read().
+        scanned = []
+        original = fcgi.InputStream._line_length
+
+        def counting(self, limit, start=0):
+            scanned.append(limit - start)
+            return original(self, limit, start)
+        monkeypatch.setattr(fcgi.InputStream, '_line_length', counting)
+        for spool_size in (1 << 30, 256 * 1024):            # memory, disk
+            scanned.clear()
+            stream = fcgi.InputStream(spool_size=spool_size)
+            piece = b'x' * 65536
+            size = 8 * 1024 * 1024
+
+            def feeder():
+                for _ in range(size // len(piece)):
+                    stream.feed(piece)
+                    gevent.sleep(0)
+                stream.feed(b'\n')
+                stream.feed_eof()
+            gevent.spawn(feeder)
+            assert len(stream.readline()) == size + 1
+            assert sum(scanned) <= size + 1, sum(scanned)
+            stream.close()
 
 
 class TestOutputStream:
@@ -1563,6 +1597,79 @@ class TestRequests:
         assert client.response(2).status == 200        # the others go on
         assert seen[0] is None
 
+    @pytest.mark.parametrize('stream', [FCGI_PARAMS, FCGI_STDIN])
+    def test_memory_stays_near_the_bytes_counted_whatever_the_records(
+            self, serve, stream):
+        import tracemalloc
+        release = gevent.event.Event()
+
+        def app(environ, start_response):
+            release.wait(10)                # reads nothing meanwhile
+            return hello_app(environ, start_response)
+        server = serve(app, spool_size=4 * 1024 * 1024)
+        client = Client(server.address)
+        size = 400 * 1024                   # in 2-byte records
+        client.begin(1)
+        if stream == FCGI_STDIN:
+            client.params(1, {'REQUEST_METHOD': 'POST'})
+        wire = b''.join(encode_records(stream, 1, b'ab')
+                        for _ in range(size // 2))
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            client.send(wire)
+            assert wait_for(lambda: server.connections and next(
+                iter(server.connections)).requests.get(1))
+            request = next(iter(server.connections)).requests[1]
+            received = (lambda: request.stdin.received
+                        if stream == FCGI_STDIN
+                        else len(request._params or b''))
+            assert wait_for(lambda: received() == size, timeout=10)
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+            release.set()
+        # about 43 bytes a record were held before: 20 times the bytes
+        print('%d bytes in 2-byte records held %d bytes' % (size, held))
+        assert held < 3 * size, held
+
+    def test_a_body_nobody_reads_is_refused_past_max_spool_size(
+            self, serve, tmp_path, monkeypatch):
+        monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path))
+        release = gevent.event.Event()
+
+        def app(environ, start_response):
+            release.wait(10)
+            return hello_app(environ, start_response)
+        server = serve(app, spool_size=64 * 1024, max_spool_size=1024 * 1024)
+        client = Client(server.address)
+        client.begin(1)
+        client.params(1, {'REQUEST_METHOD': 'POST'})    # length unknown
+        for _ in range(40):                             # 2.6 MB, unended
+            client.stdin(1, b'x' * 65536, end=False)
+        response = client.response()
+        assert response.status == 413 and response.app_status == 1
+        release.set()
+        client.request(rid=2)
+        assert client.response(2).status == 200
+        assert wait_for(lambda: not list(tmp_path.iterdir()))
+
+    def test_a_reader_that_keeps_up_is_never_refused(self, serve):
+        def app(environ, start_response):
+            total = 0
+            while True:
+                chunk = environ['wsgi.input'].read(65536)
+                if not chunk:
+                    break
+                total += len(chunk)
+            start_response('200 OK', [])
+            return [str(total).encode()]
+        server = serve(app, spool_size=64 * 1024, max_spool_size=512 * 1024)
+        client = Client(server.address)
+        body = b'y' * (20 * 1024 * 1024)                # 40 times the limit
+        client.request(body=body)
+        assert client.response().body == str(len(body)).encode()
+
     def test_max_body_size(self, serve):
         server = serve(echo_app, max_body_size=1000)
         assert fetch(server, body=b'x' * 1000).body == b'x' * 1000
@@ -1582,6 +1689,21 @@ class TestRequests:
 # 7. Connections (a test per rule of the FastCGI specification, named by
 #    its section; then real web servers, and hostile peers)
 # ---------------------------------------------------------------------------
+
+class TestAccessLog:
+    def test_fields_cannot_be_forged_nor_hold_escapes(self, serve, caplog):
+        server = serve(hello_app, access_log=True)
+        with caplog.at_level(logging.INFO, logger='gevent_fastcgi.access'):
+            fetch(server, {'HTTP_USER_AGENT': 'x" "forged\x1b[31m',
+                           'HTTP_REFERER': 'back\\slash\xe9',
+                           'REQUEST_URI': '/a"b'})
+        line = [r.getMessage() for r in caplog.records
+                if r.name == 'gevent_fastcgi.access'][0]
+        assert '"x\\x22 \\x22forged\\x1B[31m"' in line
+        assert '"back\\x5Cslash\\xE9"' in line
+        assert '"GET /a\\x22b HTTP/1.1"' in line
+        assert '\x1b' not in line and line.count('"') == 6
+
 
 class TestTransport:
     def test_gevent_still_has_what_the_fast_read_path_uses(self):
@@ -3259,6 +3381,7 @@ class TestListeningSockets:
 class TestWebServerAddrs:
     @pytest.mark.parametrize('value, served', [
         ('127.0.0.1', True), ('10.1.2.3, 127.0.0.1', True),
+        ('::ffff:127.0.0.1', True),         # the IPv4 peer it names
         ('10.1.2.3', False), ('::1', False), ('', False)])
     def test_only_listed_peers_are_served(self, serve, monkeypatch, value,
                                           served, caplog):
