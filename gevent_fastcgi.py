@@ -2423,20 +2423,26 @@ def server_settings(options: Dict, where: str = 'FastCGIServer',
     unknown = set(options) - set(OPTIONS_BY_NAME)
     if unknown:
         raise unknown_error('%s: unknown setting %s; known settings: %s'
-                         % (where, ', '.join(map(repr, sorted(unknown))),
-                            ', '.join(sorted(OPTIONS_BY_NAME))))
+                            % (where, ', '.join(map(repr, sorted(unknown))),
+                               ', '.join(sorted(OPTIONS_BY_NAME))))
     settings = {}
     for option in SERVER_OPTIONS:
         value = options.get(option.name)
         if value is None and not getattr(option.convert, 'takes_none', False):
             settings[option.name] = option.default
-            continue
-        try:
-            settings[option.name] = option.convert(value)
-        except (ValueError, TypeError) as exc:
-            raise ValueError('%s: bad value for %s: %s'
-                             % (where, option.name, exc)) from None
+        else:
+            settings[option.name] = convert_setting(where, option.name,
+                                                    option.convert, value)
     return settings
+
+
+def convert_setting(where: str, name: str, convert, value):
+    """convert(value), or a ValueError that names the setting."""
+    try:
+        return convert(value)
+    except (ValueError, TypeError) as exc:
+        raise ValueError('%s: bad value for %s: %s'
+                         % (where, name, exc)) from None
 
 
 def convert_options(settings: Dict, where: str) -> Dict:
@@ -2981,7 +2987,7 @@ class Arbiter(WorkerGroup):
             signal.signal(getattr(signal, name), self._queue_signal)
         self.running = True
         logger.info('master %d: serving %s with %d workers', os.getpid(),
-                    ', '.join(describe_address(a) for a in self.server.addresses),
+                    ', '.join(map(describe_address, self.server.addresses)),
                     self.num_workers)
         try:
             self.spawn_workers()
@@ -3427,33 +3433,19 @@ def _paste_runner(handler_name: str):
         port = settings.pop('port', None)
         path = settings.pop('socket', None)
         pid_file = settings.pop('pid_file', None)
-        try:
-            debug = _to_bool(settings.pop('debug', False))
-        except ValueError as exc:
-            raise ValueError('%s: bad value for debug: %s' % (where, exc)) \
-                from None
-        patches = []
-        for key in [k for k in settings if k.startswith(MONKEY_PREFIX)]:
-            value = settings.pop(key)
-            try:
-                wanted = _to_bool(value)
-            except ValueError as exc:
-                raise ValueError('%s: bad value for %s: %s'
-                                 % (where, key, exc)) from None
-            if wanted:
-                patches.append(key[len(MONKEY_PREFIX):].replace('patch_', '',
-                                                                1))
+        debug = convert_setting(where, 'debug', _to_bool,
+                                settings.pop('debug', False))
+        patches = [key[len(MONKEY_PREFIX):].replace('patch_', '', 1)
+                   for key in [k for k in settings
+                               if k.startswith(MONKEY_PREFIX)]
+                   if convert_setting(where, key, _to_bool,
+                                      settings.pop(key))]
         options = convert_options(settings, where)
         if path and (host or port):
             raise ValueError('%s: give either socket or host and port, not '
                              'both' % where)
-        if path:
-            address = path
-        else:
-            try:
-                address = (host or '127.0.0.1', _to_int(0)(port or 4000))
-            except ValueError as exc:
-                raise ValueError('%s: bad port: %s' % (where, exc)) from None
+        address = path or (host or '127.0.0.1', convert_setting(
+            where, 'port', _to_int(0), port or 4000))
         if patches:
             monkey_patch(patches)
         run_server(app, address, handler_name, debug, pid_file, **options)
@@ -3685,18 +3677,14 @@ def client_main(argv) -> int:
     """python -m gevent_fastcgi request ADDRESS [URI]: exit 0 only for 2xx."""
     parser = build_client_parser()
     args = parser.parse_intermixed_args(argv)
-    headers = []
-    for header in args.header:
-        name, sep, value = header.partition(':')
-        if not sep:
-            parser.error('--header %r is not "Name: value"' % header)
-        headers.append((name, value))
-    params = {}
-    for param in args.param:
-        name, sep, value = param.partition('=')
-        if not sep:
-            parser.error('--param %r is not NAME=VALUE' % param)
-        params[name] = value
+    def pairs(items, sep, form):
+        for item in items:
+            name, found, value = item.partition(sep)
+            if not found:
+                parser.error('%r is not %s' % (item, form))
+            yield name, value
+    headers = list(pairs(args.header, ':', '"Name: value"'))
+    params = dict(pairs(args.param, '=', 'NAME=VALUE'))
     body = args.data.encode('utf-8')
     if args.data.startswith('@'):
         try:
@@ -3710,8 +3698,8 @@ def client_main(argv) -> int:
             params, args.timeout)
     except (OSError, ProtocolError) as exc:
         if not args.quiet:
-            print('request to %s failed: %s' % (describe_address(args.address), exc),
-                  file=sys.stderr)
+            print('request to %s failed: %s'
+                  % (describe_address(args.address), exc), file=sys.stderr)
         return 1
     if protocol_status != FCGI_REQUEST_COMPLETE:
         if not args.quiet:
