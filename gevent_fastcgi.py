@@ -551,7 +551,7 @@ class InputStream:
 
     __slots__ = ('spool_size', 'eof', 'received', '_pieces', '_offset',
                  '_file', '_file_start', '_pos', '_error', '_waiter',
-                 '_wanted')
+                 '_wanted', '_small')
 
     def __init__(self, spool_size: int = DEFAULT_SPOOL_SIZE) -> None:
         self.spool_size = spool_size
@@ -565,6 +565,7 @@ class InputStream:
         self._error = None          # raised to the reader (disk full, ...)
         self._waiter = None         # Event, made when a reader first waits
         self._wanted = 0            # what `received` must reach to wake it
+        self._small = 0             # pieces under _PIECE_COST held, about
 
     @property
     def spooled(self) -> bool:
@@ -582,12 +583,18 @@ class InputStream:
         if self._error is not None:
             return
         if self._file is None:
-            pieces = self._pieces
-            pieces.append(data)
+            if not self._pieces:
+                self._small = 0         # the reader took all there was
+            self._pieces.append(data)
             self.received += len(data)
-            # Each piece held costs an object and a slot besides its bytes:
-            # counted, so that input cut into tiny records spools as soon.
-            if (self.received - self._pos + _PIECE_COST * len(pieces)
+            # A piece held costs an object and a slot besides its bytes:
+            # counted for small ones past the few that records cut by a
+            # read leave, so that input sent in tiny records goes to disk
+            # as soon as it would in large ones.
+            if len(data) < _PIECE_COST:
+                self._small += 1
+            if (self.received - self._pos + (
+                    _PIECE_COST * self._small if self._small > 256 else 0)
                     > self.spool_size):
                 self._spool(self._unread_pieces())
         else:
@@ -602,6 +609,7 @@ class InputStream:
             pieces[0] = memoryview(pieces[0])[self._offset:]
         self._pieces.clear()
         self._offset = 0
+        self._small = 0
         return pieces
 
     def _spool(self, pieces) -> None:
@@ -717,21 +725,7 @@ class InputStream:
             self._file.seek(self._pos - self._file_start + start)
             line = self._file.readline(limit - start)
             return start + len(line) if line.endswith(b'\n') else -1
-        seen = 0                    # unread bytes before this piece
-        offset = self._offset       # where this piece's unread bytes begin
-        for piece in self._pieces:
-            size = len(piece) - offset
-            if seen + size > start:
-                begin = offset + max(0, start - seen)
-                found = piece.find(b'\n', begin,
-                                   min(len(piece), offset + limit - seen))
-                if found >= 0:
-                    return seen + found - offset + 1
-            seen += size
-            if seen >= limit:
-                break
-            offset = 0
-        return -1
+        return _line_length(self._pieces, self._offset, limit, start)
 
     def read(self, size: int = -1) -> bytes:
         available = self._available(size)
@@ -783,6 +777,24 @@ class InputStream:
         return '<InputStream %d bytes received, %d read%s%s>' % (
             self.received, self._pos, ', spooled' if self._file else '',
             ', ended' if self.eof else '')
+
+
+def _line_length(pieces, offset: int, limit: int, start: int) -> int:
+    """InputStream._line_length in held pieces, the first of which was
+    read up to ``offset``."""
+    seen = 0                    # unread bytes before this piece
+    for piece in pieces:
+        size = len(piece) - offset
+        if seen + size > start:
+            found = piece.find(b'\n', offset + max(0, start - seen),
+                               min(len(piece), offset + limit - seen))
+            if found >= 0:
+                return seen + found - offset + 1
+        seen += size
+        if seen >= limit:
+            break
+        offset = 0              # the next pieces are unread from their start
+    return -1
 
 
 _NO_INPUT = InputStream()
