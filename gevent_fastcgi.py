@@ -1707,7 +1707,7 @@ class Connection:
         if request_id in self.requests:
             raise ProtocolError('BEGIN_REQUEST for request %d, which is '
                                 'already active' % request_id)
-        if self.closing:
+        if self.closing or self.closed:
             return      # our side is shut: the web server will see the close
         server = self.server
         if role not in server.roles:
@@ -2865,11 +2865,20 @@ class WorkerGroup:
     def spawn_worker(self) -> Worker:
         heartbeat = tempfile.TemporaryFile(prefix='gevent-fastcgi-')
         os.utime(heartbeat.fileno(), (0, 0))
-        # Not gevent.fork(): it starts a libev child watcher, and libev then
-        # takes SIGCHLD from us, so a dead worker would wait for a poll.
-        pid = gevent.os.fork_gevent()
-        if pid == 0:
-            self._run_worker(heartbeat)     # never returns
+        # The master's signals wait until the child has reset its
+        # handlers: one that came in between would run the master's
+        # handler in the child, and a worker told to stop while it booted
+        # would serve on.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, [
+            getattr(signal, name) for name in self.SIGNALS])
+        try:
+            # Not gevent.fork(): it starts a libev child watcher, and libev
+            # then takes SIGCHLD from us: a dead worker would wait a poll.
+            pid = gevent.os.fork_gevent()
+            if pid == 0:
+                self._run_worker(heartbeat, mask)   # never returns
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         worker = Worker(pid, self.generation, heartbeat)
         self.workers[pid] = worker
         logger.info('worker %d started (generation %d)', pid, self.generation)
@@ -3106,7 +3115,7 @@ class Arbiter(WorkerGroup):
 
     # -- inside a worker ------------------------------------------------------
 
-    def _run_worker(self, heartbeat) -> None:
+    def _run_worker(self, heartbeat, mask) -> None:
         """In the forked child: forget the master's state, then serve."""
         status = 1
         try:
@@ -3116,6 +3125,7 @@ class Arbiter(WorkerGroup):
                 signal.signal(getattr(signal, name), signal.SIG_IGN
                               if name in ('SIGUSR1', 'SIGUSR2', 'SIGWINCH')
                               else signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             os.close(self._wake_r)
             os.close(self._wake_w)
             for other in self.workers.values():
