@@ -498,8 +498,8 @@ def memory_ours():
             sock = socket.create_connection(('127.0.0.1', port))
             sock.sendall(request)
             parser = fcgi.RecordParser()
-            while not any(r.type == fcgi.FCGI_END_REQUEST
-                          for r in parser.feed(sock.recv(65536))):
+            while not any(rtype == fcgi.FCGI_END_REQUEST for rtype, _, _
+                          in parser.feed(sock.recv(65536))):
                 pass
             conns.append(sock)
         time.sleep(1.0)
@@ -540,9 +540,9 @@ def memory_ours():
         parser, body = fcgi.RecordParser(), b''
         while True:
             records = parser.feed(sock.recv(65536))
-            body += b''.join(r.content for r in records
-                             if r.type == fcgi.FCGI_STDOUT)
-            if any(r.type == fcgi.FCGI_END_REQUEST for r in records):
+            body += b''.join(content for rtype, _, content in records
+                             if rtype == fcgi.FCGI_STDOUT)
+            if any(rtype == fcgi.FCGI_END_REQUEST for rtype, _, _ in records):
                 break
         done.set()
         sampler.join()

@@ -197,7 +197,8 @@ def do_fastcgi_abort(app_port, rng):
             data = sock.recv(65536)
             if not data:
                 return False
-            if any(r.type == fcgi.FCGI_END_REQUEST for r in parser.feed(data)):
+            if any(rtype == fcgi.FCGI_END_REQUEST
+                   for rtype, _, _ in parser.feed(data)):
                 break
         if time.monotonic() - t0 > 1.0:
             return False
