@@ -1348,8 +1348,7 @@ def run_request(request: Request) -> None:
         if type(result) is int:
             app_status = result
     except (RequestAborted, ConnectionClosed):
-        request.greenlet = None
-        return          # the request was ended by whoever stopped it
+        started = None  # ended by whoever stopped it: nothing to log
     except BaseException as exc:
         app_status = 1
         if exc is timeout:
@@ -2951,7 +2950,7 @@ class WorkerGroup:
         self.boot_delay = min(max(1, self.boot_delay * 2), 60)
         self.spawn_after = time.monotonic() + self.boot_delay
         logger.error('worker %d failed to boot (see the error above): %d '
-                     'workers serve; next try in %ds', worker.pid,
+                     'workers left; next try in %ds', worker.pid,
                      len(self.workers), self.boot_delay)
 
     def check_heartbeats(self) -> None:
