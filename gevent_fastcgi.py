@@ -3429,6 +3429,12 @@ def run_server(app, address, handler: str = 'wsgi', debug: bool = False,
     each worker loads."""
     request_handler = (app if isinstance(app, AppLoader)
                        else make_handler(handler, app, debug))
+    if threading.current_thread() is threading.main_thread():
+        # From the moment the address answers: a signal sent by habit
+        # (logrotate's USR1) must not kill a server whose own handlers
+        # (handle_signals, the master's) are not installed yet.
+        for name in ('SIGUSR1', 'SIGUSR2', 'SIGWINCH'):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
     server = FastCGIServer(address, request_handler, **options)
     # This process was started to serve (the command line, pserve,
     # manage.py): process-wide tuning is ours to do.  (A program that only
