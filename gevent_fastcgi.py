@@ -2,21 +2,10 @@
 
 A web server (nginx, Apache, lighttpd, HAProxy, ...) speaks FastCGI to this
 server; it runs WSGI applications or custom request handlers, each request in
-its own greenlet, without monkey-patching, in one or several processes.
-
-Quick start::
-
-    python -m gevent_fastcgi --bind 127.0.0.1:9000 myproject.wsgi:application
-
-or from Python::
-
-    from gevent_fastcgi import FastCGIServer, WSGIRequestHandler
-    FastCGIServer(('127.0.0.1', 9000), WSGIRequestHandler(app)).serve_forever()
-
-The whole server is this one file, so that it can be vendored by copying it.
-It reads top to bottom in numbered sections (grep for "# 4." and so on), and a
-section uses only what the sections above it define; the tests in
-test_gevent_fastcgi.py carry the same banners, in the same order.
+its own greenlet, in one or several processes.  The whole server is this one
+file, so that it can be vendored by copying it.  It reads top to bottom in
+numbered sections (grep "# 4."); a section uses only what the sections above
+it define, and the tests carry the same banners in the same order.
 
     1. Imports, version, logger
     2. Protocol constants (the names of the FastCGI 1.0 specification)
@@ -37,16 +26,13 @@ test_gevent_fastcgi.py carry the same banners, in the same order.
    17. Optional zope.interface declarations
    18. Compatibility with the original project (acts only when called)
 
-Importing this module changes nothing outside it: no monkey-patching, no
-entries in sys.modules or sys.path_hooks, no process-wide settings.
-
-The FastCGI 1.0 specification (Mark R. Brown, Open Market, 1996) is the
-authority for sections 2 to 7; section numbers quoted in comments are its.
+Importing it changes nothing outside it: no monkey-patching, no entries in
+sys.modules or sys.path_hooks, no process-wide settings.  The FastCGI 1.0
+specification is the authority; section numbers quoted in comments are its.
 """
 
-# ---------------------------------------------------------------------------
-# 1. Imports, version, logger
-# ---------------------------------------------------------------------------
+
+# 1. Imports, version, logger -------------------------------------------------
 
 import collections
 import contextvars
@@ -91,9 +77,7 @@ __all__ = [
 logger = logging.getLogger('gevent_fastcgi')
 
 
-# ---------------------------------------------------------------------------
-# 2. Protocol constants
-# ---------------------------------------------------------------------------
+# 2. Protocol constants -------------------------------------------------------
 
 FCGI_LISTENSOCK_FILENO = 0
 FCGI_HEADER_LEN = 8
@@ -136,30 +120,20 @@ ROLE_NAMES = {FCGI_RESPONDER: 'RESPONDER', FCGI_AUTHORIZER: 'AUTHORIZER',
               FCGI_FILTER: 'FILTER'}
 
 
-
-# ---------------------------------------------------------------------------
-# 3. Errors
-# ---------------------------------------------------------------------------
+# 3. Errors -------------------------------------------------------------------
 
 class FastCGIError(Exception):
     """Base class of the errors this module raises."""
 
 
 class ProtocolError(FastCGIError):
-    """The peer sent bytes that are not valid FastCGI.
-
-    The connection that carried them is closed with one log line; nothing
-    else is affected.
-    """
+    """The peer sent bytes that are not valid FastCGI: the connection that
+    carried them is closed with one log line, nothing else."""
 
 
 class ConnectionClosed(FastCGIError, ConnectionAbortedError):
-    """Output could not be sent: the web server closed the connection, or
-    the request has already ended (it was aborted, or answered).
-
-    It is a ConnectionAbortedError, so code that already copes with a client
-    going away (wsgiref, most frameworks) copes with this too.
-    """
+    """Output could not be sent: the connection is gone, or the request has
+    ended.  A ConnectionAbortedError, which frameworks already cope with."""
 
 
 class RequestTimeout(gevent.Timeout):
@@ -167,17 +141,12 @@ class RequestTimeout(gevent.Timeout):
 
 
 class RequestAborted(gevent.GreenletExit):
-    """Raised inside a request's greenlet when the web server aborts the
-    request (FCGI_ABORT_REQUEST) or drops its connection.
-
-    It derives from GreenletExit (a BaseException), so the usual
-    ``except Exception`` in application code does not swallow it.
-    """
+    """Raised inside a request's greenlet when the web server aborts it or
+    drops its connection; a BaseException, which ``except Exception`` in
+    application code does not swallow."""
 
 
-# ---------------------------------------------------------------------------
-# 4. Record codec
-# ---------------------------------------------------------------------------
+# 4. Record codec -------------------------------------------------------------
 #
 # Sans-I/O, after h11: RecordParser.feed() takes whatever bytes arrived and
 # returns the whole records among them; encode_records() turns output into
@@ -197,7 +166,6 @@ class Record(NamedTuple):
     content: bytes
 
 
-
 #: record types whose contents make a byte stream (section 3.3): where the
 #: records are cut carries no meaning, only the empty record that ends it
 STREAM_TYPES = frozenset((FCGI_PARAMS, FCGI_STDIN, FCGI_STDOUT, FCGI_STDERR,
@@ -205,19 +173,13 @@ STREAM_TYPES = frozenset((FCGI_PARAMS, FCGI_STDIN, FCGI_STDOUT, FCGI_STDERR,
 
 
 class RecordParser:
-    """Incremental FastCGI record parser.
+    """Incremental FastCGI record parser: ``feed(data)`` takes bytes in any
+    chunking and returns the records they complete; ``feed(b'')`` is the end
+    of input.  Padding is discarded whatever it holds (3.3).
 
-    ``feed(data)`` accepts bytes (or a memoryview, which it does not keep) in
-    any chunking and returns the list of records completed by them;
-    ``feed(b'')`` means end of input and raises ProtocolError when it cuts a
-    record short.  Padding is read and discarded whatever it holds (3.3).
-
-    With ``split_streams``, the content of a stream record (STREAM_TYPES) is
-    returned as it arrives, in pieces that are never empty, instead of being
-    held until the whole record is in: a 64 KB STDIN record then costs no
-    buffering and no joining.  Only a record with no content ends a stream,
-    so a piece can never be taken for the end.
-    """
+    With ``split_streams``, a stream record's content (STREAM_TYPES) is
+    returned as it arrives, in pieces never empty (only an empty record ends
+    a stream): a 64 KB STDIN record costs no buffering and no joining."""
 
     __slots__ = ('split_streams', '_head', '_pieces', '_type', '_request_id',
                  '_content_left', '_padding_left', '_eof')
@@ -234,8 +196,7 @@ class RecordParser:
 
     @property
     def buffered(self) -> int:
-        """Bytes received that do not yet make a whole record (and were not
-        returned as pieces of one)."""
+        """Bytes held for a record not yet returned whole or in pieces."""
         return len(self._head) + sum(map(len, self._pieces or ()))
 
     @property
@@ -245,17 +206,11 @@ class RecordParser:
                     or self._pieces is not None)
 
     def feed(self, data) -> List[Tuple[int, int, bytes]]:
-        """Parse ``data`` and return the records it completes, as plain
-        (type, request_id, content) tuples: Record's fields, without its
-        names, which cost a request of four records about a microsecond
-        (measured: 4% of the server's CPU on a small request).  Wrap one
-        as Record(*record) where names help.
-
-        The whole of ``data`` is consumed, and every record's content
-        copied out of it, before this returns: the connection reads into
-        one buffer that all connections share, so the result must be a
-        list, never a generator that reads ``data`` later (a test pins
-        this)."""
+        """The records ``data`` completes, as plain (type, request_id,
+        content) tuples: Record's names cost a small request about 1 us (4%
+        of the server's CPU, measured).  A list, never a generator: ``data``
+        is a buffer all connections share, so every content is copied out
+        before this returns (a test pins this)."""
         if not data:
             if self.in_record:
                 raise ProtocolError(
@@ -278,9 +233,8 @@ class RecordParser:
             content_end = pos + FCGI_HEADER_LEN + length
             if content_end + padding > end:
                 break
-            append(((
-                rtype, request_id,
-                bytes(data[pos + FCGI_HEADER_LEN:content_end]))))
+            append((rtype, request_id,
+                    bytes(data[pos + FCGI_HEADER_LEN:content_end])))
             pos = content_end + padding
         if pos < end:
             self._resume(data, pos, end, append)
@@ -304,7 +258,7 @@ class RecordParser:
             self._type, self._request_id = rtype, request_id
             self._content_left, self._padding_left = length, padding
             if not length:
-                append(((rtype, request_id, b'')))
+                append((rtype, request_id, b''))
             elif not (self.split_streams and rtype in STREAM_TYPES):
                 self._pieces = []
         if self._content_left:
@@ -314,15 +268,13 @@ class RecordParser:
                 pos += take
                 self._content_left -= take
                 if self._pieces is None:
-                    append(((self._type,
-                                                self._request_id, piece)))
+                    append((self._type, self._request_id, piece))
                 else:
                     self._pieces.append(piece)
             if self._content_left:
                 return pos
             if self._pieces is not None:
-                append(((self._type, self._request_id,
-                                            b''.join(self._pieces))))
+                append((self._type, self._request_id, b''.join(self._pieces)))
                 self._pieces = None
         take = min(self._padding_left, end - pos)
         self._padding_left -= take
@@ -336,12 +288,10 @@ class RecordParser:
 
 def encode_record_parts(record_type: int, request_id: int,
                         content, parts: list) -> list:
-    """Append to ``parts`` the records that carry ``content``, as headers
-    and views of ``content`` (no copy): the ONE place where output of any
-    size is cut into records of at most 65,535 bytes.  Empty content gives
-    one empty record, which is how a stream ends (section 3.3).  No padding
-    is added: it is optional and every web server reads unpadded records.
-    """
+    """Append to ``parts`` the records carrying ``content``: headers and
+    views of it, no copy.  The one place that cuts output into records of
+    at most 65,535 bytes; no padding (optional, and every web server reads
+    unpadded records)."""
     length = len(content)
     if length <= FCGI_MAX_CONTENT_LEN:
         parts.append(_HEADER.pack(FCGI_VERSION_1, record_type, request_id,
@@ -391,14 +341,9 @@ def encode_pairs(pairs) -> bytes:
 
 
 def _walk_pairs(data: bytes, source, add) -> None:
-    """Call add(name, value) for each pair of a complete name-value stream,
-    slicing names and values from ``source`` (``data`` itself, or ``data``
-    decoded as latin-1, which keeps every offset).
-
-    Each length is read on its own: one byte when the high bit is clear,
-    else four bytes with the high bit masked off (section 3.4).  A pair that
-    runs past the end of the stream is a ProtocolError.
-    """
+    """Call add(name, value) for each pair of a name-value stream (3.4),
+    sliced from ``source``: ``data`` itself, or ``data`` decoded as latin-1,
+    which keeps every offset."""
     pos = 0
     end = len(data)
     try:
@@ -415,6 +360,7 @@ def _walk_pairs(data: bytes, source, add) -> None:
                 pos += 4
             else:
                 pos += 1
+
             value_start = pos + name_length
             value_end = value_start + value_length
             if value_end > end:
@@ -446,7 +392,7 @@ def decode_environ(data: bytes) -> Dict[str, str]:
 
 def encode_begin_request(request_id: int, role: int = FCGI_RESPONDER,
                          keep_conn: bool = False) -> bytes:
-    """A BEGIN_REQUEST record, as a web server sends it (for clients/tests)."""
+    """A BEGIN_REQUEST record, as a web server sends it."""
     return encode_records(FCGI_BEGIN_REQUEST, request_id,
                           _BEGIN_REQUEST_BODY.pack(
                               role, FCGI_KEEP_CONN if keep_conn else 0))
@@ -460,9 +406,8 @@ def encode_end_request(request_id: int, app_status: int = 0,
 
 
 class _ByRequestId(dict):
-    """The bytes a request id always ends with, made once per id: the
-    empty STDOUT record and a normal END_REQUEST (web servers reuse a few
-    small ids)."""
+    """Bytes made once per request id (web servers reuse a few small ids):
+    the empty STDOUT record, a normal END_REQUEST."""
 
     def __init__(self, make) -> None:
         super().__init__()
@@ -479,9 +424,9 @@ END_REQUEST_OK = _ByRequestId(encode_end_request)
 
 
 def encode_get_values_result(query: bytes, known: Dict[str, str]) -> bytes:
-    """The GET_VALUES_RESULT record answering the GET_VALUES ``query``:
-    the names asked for that are in ``known``, with their values; unknown
-    names are left out (section 4.1)."""
+    """The GET_VALUES_RESULT answering ``query``: the names asked for that
+    are in ``known``, with their values; others are left out (4.1)."""
+
     answer = []
     for name, _ in decode_pairs(query):
         value = known.get(name.decode('latin-1'))
@@ -508,22 +453,16 @@ def decode_end_request(content: bytes) -> Tuple[int, int]:
     return _END_REQUEST_BODY.unpack(content)
 
 
-# ---------------------------------------------------------------------------
-# 5. Request streams
-# ---------------------------------------------------------------------------
+# 5. Request streams ----------------------------------------------------------
 #
-# Input streams are written by the connection's greenlet as records arrive
-# and read by the request's greenlet, which waits when it gets ahead of the
-# web server.  They spool to a temporary file once more than ``spool_size``
-# bytes wait unread (waitress spools too), so an upload costs disk, not
-# memory, and the connection never stops reading: other requests multiplexed
-# on it, and FCGI_ABORT_REQUEST, still get through while an application
-# ignores a body.
-#
-# Output streams gather small writes and send them together: a small response
-# leaves in one send with its END_REQUEST.  A write that brings the buffer to
-# ``flush_size`` sends it; a web server that stops reading then stalls that
-# request's greenlet in sendall (back-pressure) and memory does not grow.
+# The connection's greenlet feeds input streams as records arrive; the
+# request's greenlet reads them, waiting when it gets ahead.  Past
+# ``spool_size`` unread bytes they spool to a temporary file (as waitress
+# does), so the connection never stops reading: other requests on it and
+# FCGI_ABORT_REQUEST get through while an application ignores a body.
+# Output streams gather small writes (a small response leaves in one send
+# with its END_REQUEST) and send at ``flush_size``; a web server that stops
+# reading stalls that request's greenlet (back-pressure), not memory.
 
 DEFAULT_SPOOL_SIZE = 1024 * 1024
 _PIECE_COST = 64    # bytes a held piece costs beyond its content
@@ -535,19 +474,13 @@ GATHER_SIZE = 128 * 1024
 
 
 class InputStream:
-    """A request's FCGI_STDIN or FCGI_DATA stream, as a read-only binary file.
+    """A request's FCGI_STDIN or FCGI_DATA stream, as a read-only binary file
+    (a read returns less than asked only at the end of the stream).
 
-    Supports ``read``, ``readline``, ``readlines`` and iteration over lines.
-    A read returns fewer bytes than asked only at the end of the stream.
-
-    Input is held as the pieces it arrived in, and what the reader consumed
-    is let go at once; a read of exactly one piece returns that piece.  Once
-    more than ``spool_size`` bytes wait unread, they move to a temporary
-    file and the rest of the stream follows them there.  (Not
-    SpooledTemporaryFile: its BytesIO copies every byte once more and grows
-    one big buffer a page fault at a time; profiled, that was half of the
-    CPU an upload cost.)
-    """
+    Input is held in the pieces it arrived in, let go as soon as read.  Past
+    ``spool_size`` unread bytes, they and the rest of the stream go to a
+    temporary file.  (Not SpooledTemporaryFile: its BytesIO copies every
+    byte once more, which profiled as half of the CPU an upload cost.)"""
 
     __slots__ = ('spool_size', 'eof', 'received', '_pieces', '_offset',
                  '_file', '_file_start', '_pos', '_error', '_waiter',
@@ -568,11 +501,6 @@ class InputStream:
         self._small = 0             # pieces under _PIECE_COST held, about
 
     @property
-    def spooled(self) -> bool:
-        """Has input gone to a temporary file?"""
-        return self._file is not None
-
-    @property
     def spooled_bytes(self) -> int:
         """Bytes in the temporary file (it goes once nearly all is read)."""
         return self.received - self._file_start if self._file else 0
@@ -587,10 +515,9 @@ class InputStream:
                 self._small = 0         # the reader took all there was
             self._pieces.append(data)
             self.received += len(data)
-            # A piece held costs an object and a slot besides its bytes:
-            # counted for small ones past the few that records cut by a
-            # read leave, so that input sent in tiny records goes to disk
-            # as soon as it would in large ones.
+            # A held piece costs an object besides its bytes: counted for
+            # small ones past the few that reads cutting records leave, so
+            # that tiny records go to disk as soon as large ones would.
             if len(data) < _PIECE_COST:
                 self._small += 1
             if (self.received - self._pos + (
@@ -631,8 +558,7 @@ class InputStream:
             self._waiter.set()
 
     def fail(self, error: BaseException) -> None:
-        """Make the reader's next read raise ``error``; what arrives later
-        is dropped (the stream is not ended: the web server still sends)."""
+        """The reader's next read raises ``error``; later input is dropped."""
         self._error = error
         self._pieces.clear()
         if self._waiter is not None:
@@ -649,8 +575,8 @@ class InputStream:
     # -- the reader's side --------------------------------------------------
 
     def _wait(self, wanted: int) -> None:
-        """Wait until ``wanted`` bytes have been received in all (or the
-        stream ends, or fails): a reader is not woken for every piece."""
+        """Wait until ``wanted`` bytes arrived in all, or the stream ended
+        or failed: a reader is not woken for every piece."""
         if self._error is not None:
             raise self._error
         self._wanted = wanted
@@ -663,8 +589,8 @@ class InputStream:
             raise self._error
 
     def _available(self, size: int) -> int:
-        """Wait until ``size`` bytes (all, when negative) can be read or the
-        stream has ended; return how many can be read now."""
+        """Wait until ``size`` bytes (all, when negative) can be read, or
+        the end; return how many can be read now."""
         if size is None or size < 0:
             while not self.eof:
                 self._wait(_NEVER)
@@ -718,9 +644,8 @@ class InputStream:
         return b''.join(taken)
 
     def _line_length(self, limit: int, start: int = 0) -> int:
-        """Length of the line that begins the unread input, newline
-        included, looking at its bytes from ``start`` (those before hold no
-        newline) to ``limit``; -1 if no newline is there."""
+        """Length of the unread input's first line, newline included, seen
+        from ``start`` (no newline before it) to ``limit``; -1: none."""
         if self._file is not None:
             self._file.seek(self._pos - self._file_start + start)
             line = self._file.readline(limit - start)
@@ -762,13 +687,7 @@ class InputStream:
         return lines
 
     def __iter__(self):
-        return self
-
-    def __next__(self) -> bytes:
-        line = self.readline()
-        if not line:
-            raise StopIteration
-        return line
+        return iter(self.readline, b'')
 
     def readable(self) -> bool:
         return True
@@ -802,12 +721,9 @@ _NO_INPUT.feed_eof()
 
 
 class OutputStream:
-    """A request's FCGI_STDOUT or FCGI_STDERR stream, as a write-only file.
-
-    ``write`` takes bytes (FCGI_STDERR also takes str, sent as UTF-8, so that
-    it can serve as ``wsgi.errors``).  Writes are gathered until
-    ``flush_size`` bytes, a ``flush()``, or the end of the request.
-    """
+    """A request's FCGI_STDOUT or FCGI_STDERR stream, as a write-only file
+    of bytes (FCGI_STDERR also takes str, as UTF-8).  Writes are gathered
+    until ``flush_size`` bytes, a ``flush()``, or the end of the request."""
 
     __slots__ = ('_request', 'record_type', 'flush_size', '_chunks',
                  '_pending', 'bytes_written')
@@ -864,8 +780,7 @@ class OutputStream:
         self._request.connection.transport.send_parts(parts)
 
     def take_records(self) -> bytes:
-        """What was written and not yet sent, encoded as records; the
-        buffer is emptied."""
+        """What was written and not yet sent, as records; the buffer empties."""
         chunks = self._chunks
         if not chunks:
             return b''
@@ -875,8 +790,9 @@ class OutputStream:
         return encode_records(self.record_type, self._request.id, data)
 
     def discard_unsent(self) -> bool:
-        """Drop what was written, if none of it has been sent yet, so that
-        an error response can take its place; False when too late."""
+        """Drop what was written if none of it was sent (an error page takes
+        its place); False when too late."""
+
         if self.bytes_written != self._pending:
             return False
         self._chunks = []
@@ -897,15 +813,12 @@ class OutputStream:
             self.flush()
 
 
-# ---------------------------------------------------------------------------
-# 6. Requests
-# ---------------------------------------------------------------------------
+# 6. Requests -----------------------------------------------------------------
 #
-# A Request is what a request handler receives (environ, stdin, stdout, ...),
-# and it is also where the server's policy for one request lives: the limits
-# on what the web server sends (431, 413), running the handler in a greenlet
-# of its own under request_timeout, our own error pages, the access log line.
-# The connection (section 7) only feeds it records and sends what it ends.
+# A Request is what a request handler receives (environ, stdin, stdout...)
+# and where the policy for one request lives: the limits (431, 413), running
+# the handler in a greenlet of its own under request_timeout, our own error
+# pages, the access log.  The connection only feeds it records.
 
 def plain_response(status: str, body: bytes) -> bytes:
     """A CGI response of our own (an error page): status, text body."""
@@ -922,15 +835,13 @@ TOO_LARGE_HEADERS = '431 Request Header Fields Too Large'
 TOO_LARGE_BODY = '413 Content Too Large'
 
 access_logger = logging.getLogger('gevent_fastcgi.access')
-
-
 _LOG_UNSAFE = re.compile('[^\x20-\x7e]|["\\\\]')
 
 
 def _log_escape(text: str) -> str:
-    """As nginx and Apache write them: '"', '\\', control characters and
-    bytes past ASCII as \\xHH, so that a client can neither forge fields
-    nor send terminal escapes to whoever reads the log."""
+    """As nginx and Apache do: '"', '\\', control characters and non-ASCII
+    as \\xHH, so that a client can neither forge fields nor send terminal
+    escapes to whoever reads the log."""
     if text.isascii() and text.isprintable() and '"' not in text \
             and '\\' not in text:
         return text
@@ -964,9 +875,8 @@ def log_access(request: 'Request', started: float) -> None:
 
 
 def configure_access_log(target) -> bool:
-    """access_log option: None/False: off; True: records go to the
-    'gevent_fastcgi.access' logger, for the application's logging to route;
-    '-': stdout; any other str: that file."""
+    """access_log: None/False: off; True: to the 'gevent_fastcgi.access'
+    logger, for the application's logging; '-': stdout; a str: that file."""
     if not target:
         return False
     if target is True:
@@ -983,11 +893,10 @@ def configure_access_log(target) -> bool:
 
 
 def mount(environ: Dict[str, str], script_name: str) -> None:
-    """Set SCRIPT_NAME to where the application is mounted and PATH_INFO
-    to the rest, whatever the web server made of them: Debian's nginx
-    fastcgi_params and Apache send the whole path as SCRIPT_NAME, HAProxy
-    sends no SCRIPT_NAME.  The whole path is SCRIPT_NAME + PATH_INFO as
-    sent, or, when both are empty, REQUEST_URI's path, %-decoded."""
+    """SCRIPT_NAME := where the application is mounted, PATH_INFO := the
+    rest, whatever the web server made of them (Debian's nginx and Apache
+    send the whole path as SCRIPT_NAME, HAProxy none): the whole path is
+    both as sent or, when both are empty, REQUEST_URI's path, %-decoded."""
     from urllib.parse import unquote_to_bytes
     path = environ.get('SCRIPT_NAME', '') + environ.get('PATH_INFO', '')
     if not path:
@@ -1007,25 +916,17 @@ _getweakrefcount = weakref.getweakrefcount
 
 
 class RequestGreenlets:
-    """Run requests in greenlets that wait for the next request instead of
-    dying.
+    """Run requests in greenlets that then wait for the next request: a new
+    greenlet's first switch costs about 9.5 us, a third of a small request's
+    work; a parked one's next request, about 1 us (timeit, greenlet 3.5).
+    At most ``spare`` wait parked.
 
-    Making a greenlet and switching into it the first time costs about
-    9.5 us, a third of the server's work on a small request; handing a
-    parked one its next request costs one callback and one switch, about
-    1 us (timeit, greenlet 3.5).  At most ``spare`` wait parked; others end.
-
-    Nothing a request leaves behind may reach a later one.  Each request
-    runs in a fresh contextvars.Context; a cancellation is delivered only
-    if the greenlet still runs the request it was meant for; and a parked
-    greenlet is reused only if nothing but its own frame refers to it, as
-    a probe greenlet that ran nothing shows: a timer the application left
-    running (a gevent.Timeout never cancelled holds the greenlet it would
-    interrupt), a registry keyed by greenlet, gevent.local data (a weakref)
-    all make a fresh greenlet serve the next request instead.  The old one
-    stays parked until whatever holds it lets go (a stray timer that fires
-    ends it, quietly).
-    """
+    Nothing a request leaves behind reaches a later one: each runs in a
+    fresh contextvars.Context; a cancellation reaches only the request it
+    was meant for; a parked greenlet is reused only if nothing but its own
+    frame refers to it, as a probe greenlet that ran nothing shows.  One
+    held by a stray timer, a registry or gevent.local data is left parked
+    (a timer that fires ends it, quietly) and a fresh one serves instead."""
 
     def __init__(self, spare: int = 100) -> None:
         self.hub = gevent.get_hub()
@@ -1070,7 +971,8 @@ class RequestGreenlets:
         if getattr(worker, 'request', None) is request and not worker.dead:
             worker.throw(RequestAborted)
 
-    def _serve(self, function, request) -> None:
+    def _serve(self, function, request) -> None:   # a greenlet's body
+
         current = greenlet.getcurrent()
         while True:
             contextvars.Context().run(function, request)
@@ -1119,10 +1021,8 @@ class Request:
         self.role = role
         self.keep_conn = keep_conn
         self.environ: Dict[str, str] = {}
-        # An authorizer gets no body (section 6.3), only a filter gets DATA:
-        # those streams are the one empty stream all requests share.  Other
-        # streams are made when first used (most requests have no body and
-        # write nothing to stderr).
+        # An authorizer gets no body (6.3), only a filter DATA: the one empty
+        # stream all share.  Others are made when first used.
         self._stdin = _NO_INPUT if role == FCGI_AUTHORIZER else None
         self.data = (InputStream(server.spool_size) if role == FCGI_FILTER
                      else _NO_INPUT)
@@ -1152,9 +1052,7 @@ class Request:
 
     @property
     def input_complete(self) -> bool:
-        """The web server has sent all it owes: PARAMS, STDIN and DATA.
-        (Asking must not make the stdin stream: that is left for a reader
-        or for the first STDIN record.)"""
+        """PARAMS, STDIN and DATA have all ended (asking makes no stream)."""
         stdin = self._stdin
         return (self.params_done and stdin is not None and stdin.eof
                 and self.data.eof)
@@ -1181,9 +1079,7 @@ class Request:
                             % server.max_params_size)
             elif not params:
                 self._params = content
-            else:
-                # One growing buffer, not a list of records: a stream cut
-                # into 2-byte records costs what its bytes cost.
+            else:   # one growing buffer: 2-byte records cost their bytes
                 if type(params) is bytes:
                     params = self._params = bytearray(params)
                 params += content
@@ -1199,9 +1095,8 @@ class Request:
         length = environ.get('CONTENT_LENGTH')
         if length and not (length.isascii() and length.isdigit()
                            and len(length) < 19):
-            # Not a length ('-1' from a web server for a chunked body, or
-            # worse): unknown, and the body is read to its end
-            # (wsgi.input_terminated).
+            # Not a length ('-1' for a chunked body, or worse): the body is
+            # read to its end (wsgi.input_terminated).
             del environ['CONTENT_LENGTH']
             length = None
         max_body = server.max_body_size
@@ -1240,18 +1135,15 @@ class Request:
                         'of body waiting unread on disk'
                         % self.server.max_spool_size)
         elif spooled:
-            # The application is behind: let it read before we read on
-            # (the connection greenlet would not yield while input keeps
-            # coming, and a reading application would find its input
-            # over max_spool_size).  feed() copied out all it returned.
+            # The application is behind: let it read before we read on (the
+            # connection greenlet would not yield while input keeps coming).
             gevent.sleep(0)
 
     # -- ending it -------------------------------------------------------------
 
     def answer_error(self, status: str, body: bytes) -> bool:
-        """Put an error page of our own in place of the response, if none
-        of the response has been sent yet; False when it is too late, and
-        then the response is cut short (see abandon)."""
+        """Our error page in place of the response, if none of it was sent;
+        else False, and the response is cut short (see abandon)."""
         if self.ended:
             return False
         if not self.stdout.discard_unsent():
@@ -1263,8 +1155,7 @@ class Request:
         return True
 
     def refuse(self, status: str, reason: str) -> None:
-        """Answer a request we will not serve (further) with an HTTP error
-        of our own; a handler already running on it is cancelled."""
+        """Answer with an HTTP error of our own; cancel a running handler."""
         logger.warning('%s: request %d refused: %s', self.connection, self.id,
                        reason)
         output = b''
@@ -1276,9 +1167,8 @@ class Request:
     def end(self, app_status: int = 0,
             protocol_status: int = FCGI_REQUEST_COMPLETE,
             output: bytes = b'') -> None:
-        """Send ``output`` and END_REQUEST; the request becomes inactive,
-        and so may the connection (no FCGI_KEEP_CONN, or a stopping
-        server's last request)."""
+        """Send ``output`` and END_REQUEST, then close the connection's
+        writing side if this was its last request."""
         if self.ended:
             return
         self.release()
@@ -1298,13 +1188,10 @@ class Request:
             connection.close_write()
 
     def abandon(self) -> None:
-        """End a request whose response was cut short (its handler failed,
-        or ran out of time, after part of the response was sent) so that
-        the web server sees it fail, as an HTTP server's client would: no
-        END_REQUEST, and the connection closes, at once or, when other
-        requests are multiplexed on it, as soon as they have ended.  An
-        END_REQUEST would make nginx end the response cleanly, and a
-        truncated body would be taken, and cached, as whole."""
+        """End a request whose response was cut short (failed after output
+        was sent) so that the web server sees it fail: no END_REQUEST, which
+        would make nginx take, and cache, a truncated body as whole; the
+        connection closes once no other request is on it."""
         connection = self.connection
         self.release()
         logger.warning('%s: the response to %r was cut short: its '
@@ -1316,8 +1203,7 @@ class Request:
             connection.close()
 
     def release(self) -> None:
-        """The request is over (answered, aborted, or its connection is
-        gone): it leaves its connection and lets go of its input."""
+        """The request is over: it leaves its connection, drops its input."""
         self.ended = True
         if self.connection.requests.pop(self.id, None) is not None:
             self.server.active_requests -= 1
@@ -1327,15 +1213,13 @@ class Request:
             self.data.close()
 
     def cancel(self) -> None:
-        """Raise RequestAborted in the greenlet running the handler, if
-        one does."""
+        """RequestAborted in the greenlet running the handler, if any."""
         if self.greenlet is not None:
             self.server.request_greenlets().cancel(self.greenlet, self)
 
 
 def run_request(request: Request) -> None:
-    """The body of the request's greenlet: run the handler, then end the
-    request with whatever it left in its streams."""
+    """The request's greenlet: run the handler, end with what it wrote."""
     app_status = 0
     server = request.server
     started = time.time() if server.access_log else None
@@ -1355,10 +1239,7 @@ def run_request(request: Request) -> None:
             logger.error('%s: %r cancelled after request_timeout (%gs)',
                          request.connection, request, server.request_timeout)
             request.answer_error(TIMEOUT_STATUS, TIMEOUT_BODY)
-        else:
-            # Any failure, gevent.Timeout, SystemExit and
-            # KeyboardInterrupt included: one request's, not the
-            # server's.
+        else:   # any BaseException: one request's failure, not the server's
             logger.exception('%s: request handler failed on %r',
                              request.connection, request)
             request.answer_error(ERROR_STATUS, ERROR_BODY)
@@ -1377,29 +1258,21 @@ def run_request(request: Request) -> None:
             request.end(app_status, output=output)
         except ConnectionClosed:
             pass
-    # A request that lives on (an application may keep its environ) must
-    # not hold the greenlet, which serves the next request.
-    request.greenlet = None
+    request.greenlet = None     # the greenlet serves the next request
+
     if started is not None:
         log_access(request, started)
 
 
-# ---------------------------------------------------------------------------
-# 7. Connections
-# ---------------------------------------------------------------------------
+# 7. Connections --------------------------------------------------------------
 #
-# One greenlet per connection reads records and dispatches them; each request
-# runs its handler in a greenlet of its own, so requests multiplexed on one
-# connection proceed independently and may finish in any order.  The
-# connection greenlet never waits for a request: it keeps reading, which is
-# what lets FCGI_GET_VALUES, FCGI_ABORT_REQUEST and the next BEGIN_REQUEST
-# through at any time (HAProxy sends the next request before the previous
-# one's END_REQUEST has arrived).
-#
-# Lifetime (section 3.5): the web server owns a connection unless a request
-# came without FCGI_KEEP_CONN; then we close it once that request is answered.
-# We close it ourselves otherwise only on malformed input (one log line) or
-# when the server stops.
+# One greenlet per connection reads and dispatches records; each request runs
+# in a greenlet of its own, so multiplexed requests may finish in any order.
+# The connection greenlet never waits for a request: GET_VALUES, ABORT_REQUEST
+# and the next BEGIN_REQUEST get through at any time (HAProxy sends the next
+# request before the previous one's END_REQUEST).  The web server owns a
+# connection (3.5) unless a request came without FCGI_KEEP_CONN; we close one
+# ourselves only then, on malformed input, or when the server stops.
 
 _MSG_MORE = getattr(_stdlib_socket, 'MSG_MORE', 0)
 _TCP_QUICKACK = getattr(_stdlib_socket, 'TCP_QUICKACK', None)   # Linux
@@ -1408,23 +1281,17 @@ _ABORT_MARKER = bytes(FCGI_HEADER_LEN)      # version 0: see Transport.abort
 
 
 class Transport:
-    """One connection's socket: this class alone reads from it, writes to
-    it and touches gevent's private parts of it.
-
-    Requests of one connection take turns to send, and what one sends goes
-    out whole.  A send that fails calls ``on_lost(error)`` once and raises
-    ConnectionClosed.
-    """
+    """One connection's socket: the only code that reads, writes or touches
+    gevent's private parts of it.  Requests take turns to send, and what one
+    sends goes out whole; a failed send calls ``on_lost(error)`` once and
+    raises ConnectionClosed."""
 
     __slots__ = ('socket', 'tcp', 'closed', 'on_lost', '_send_lock',
                  '_wait', '_readable', '_drained')
 
-    #: bytes asked of each recv(), into one buffer the process shares: no
-    #: switch to another greenlet can come between a recv_into() and the
-    #: copy of what it received (RecordParser.feed copies before it
-    #: returns), so one buffer serves every connection and can be large.
-    #: An upload then takes a few reads per megabyte, not sixteen
-    #: (measured: a fifth less CPU per 1 MB upload than 64 KB).
+    #: bytes asked of each recv(), into one buffer the process shares (no
+    #: greenlet switch comes between a recv_into() and feed()'s copy), so it
+    #: can be large: a fifth less CPU per 1 MB upload than 64 KB (measured).
     recv_size = 256 * 1024
     _recv_buffer = None
 
@@ -1434,20 +1301,17 @@ class Transport:
         self.closed = False
         self.on_lost = on_lost
         self._send_lock = gevent.lock.Semaphore()
-        # Web servers send a request and wait for its answer: after a read
-        # that emptied the socket, the next read would fail (EAGAIN, an
-        # exception) before gevent waits.  So wait first, then read; read
-        # first only after a read that filled the buffer (an upload).
-        # gevent's socket keeps its wait and watcher private: without them,
-        # plain reads.
+        # After a read that emptied the socket the next would fail (EAGAIN,
+        # an exception) before gevent waits: so wait first, and read first
+        # only after a read that filled the buffer.  Without gevent's
+        # private wait and watcher, plain reads.
         self._wait = getattr(sock, '_wait', None)
         self._readable = getattr(sock, '_read_event', None)
         self._drained = self._wait is not None and self._readable is not None
 
     def receive(self) -> memoryview:
-        """What has arrived, waiting for it if need be (empty at the end of
-        the stream): a view of the shared buffer, valid until the next
-        receive() of any connection."""
+        """What arrived (empty at the end), waiting if need be: a view of the
+        shared buffer, valid until any connection's next receive()."""
         buffer = Transport._recv_buffer
         if buffer is None or len(buffer) != self.recv_size:
             buffer = Transport._recv_buffer = memoryview(
@@ -1459,11 +1323,9 @@ class Transport:
         return buffer[:received]
 
     def quick_ack(self) -> None:
-        """Acknowledge at once what the next read takes (TCP_QUICKACK):
-        called while a request's input streams in.  The web server's last
-        segment of a body is small and waits (Nagle) for our ACK of what
-        came before it; a request-response connection delays ACKs by up to
-        40 ms, and uploads stalled that long."""
+        """ACK at once what the next read takes (TCP_QUICKACK) while input
+        streams in: a body's small last segment waits (Nagle) for our ACK,
+        which a request-response connection delays by up to 40 ms."""
         if self.tcp and self._drained and _TCP_QUICKACK is not None:
             self.socket.setsockopt(_stdlib_socket.IPPROTO_TCP, _TCP_QUICKACK,
                                    1)
@@ -1472,11 +1334,9 @@ class Transport:
         self.socket.settimeout(timeout)
 
     def send(self, data: bytes, more: bool = False) -> None:
-        """Send bytes whole.  ``more``: our FIN follows at once; MSG_MORE
-        holds the last segment back so that the FIN rides on it, and the
-        web server learns that the connection closes together with the
-        END_REQUEST, not after it has put the connection back in its
-        pool."""
+        """Send bytes whole.  ``more``: our FIN follows, and MSG_MORE lets it
+        ride on the last segment: the web server learns that the connection
+        closes with the END_REQUEST, not after pooling the connection."""
         flags = _MSG_MORE if more and self.tcp else 0
         with self._send_lock:
             if self.closed:
@@ -1499,8 +1359,7 @@ class Transport:
                 raise
 
     def send_parts(self, parts: list) -> None:
-        """Send a list of buffers whole, with gather writes (sendmsg): the
-        kernel copies them, we do not."""
+        """Send buffers whole with gather writes: the kernel copies them."""
         views = [memoryview(part).cast('B') for part in parts]
         with self._send_lock:
             if self.closed:
@@ -1532,21 +1391,19 @@ class Transport:
         return ConnectionClosed(str(exc))
 
     def _cut(self) -> None:
-        """A send was interrupted partway (request_timeout, an application's
-        own timeout, a cancellation): the web server would wait forever for
-        the rest of the record, and whatever we sent next would land inside
-        it.  The connection closes instead."""
+        """A send was interrupted partway (a timeout, a cancellation): what
+        we sent next would land inside the cut record, so the connection
+        closes instead."""
         if not self.closed:
             self.on_lost(ConnectionClosed('a send was interrupted partway '
                                           'through a record'))
 
     def abort(self) -> None:
-        """Make the web server fail the response it is receiving, then
-        close.  FastCGI has no record for that: closing alone leaves nginx
-        with fastcgi_buffering off ending a chunked response as if it were
-        whole.  A record header of version 0, which every web server
-        refuses, makes it fail the response (curl: "transfer closed with
-        outstanding read data").  Sent only if it leaves at once."""
+        """Make the web server fail the response it is receiving.  FastCGI
+        has no record for that, and a close alone lets nginx (buffering off)
+        end a chunked response as if whole: a record header of version 0,
+        which every web server refuses, fails it.  Sent only if it can be
+        at once."""
         try:
             self.socket.settimeout(0.0)
             self.socket.send(_ABORT_MARKER)
@@ -1567,11 +1424,10 @@ class Transport:
 
 
 class Connection:
-    """Serves one transport connection from the web server: reads records,
-    dispatches them to the ``on_*`` handlers ``record_handler_names`` names
-    (each takes request_id, content; a subclass may override any, and
-    FastCGIServer.connection_class picks the class), and owns the
-    connection's lifetime."""
+    """One connection from the web server: reads records, dispatches them to
+    the ``on_*(request_id, content)`` methods ``record_handler_names`` names
+    (a subclass, FastCGIServer.connection_class, may override any), and owns
+    the connection's lifetime."""
 
     #: seconds to wait for the web server to close after we shut down our side
     linger_timeout = 5.0
@@ -1609,8 +1465,8 @@ class Connection:
     # -- reading ------------------------------------------------------------
 
     def owes_input(self, parser: RecordParser) -> bool:
-        """Is the web server in the middle of sending something: a record,
-        a request's input, or, on a new connection, its first request?"""
+        """Is the web server in the middle of sending a record, a request's
+        input or, on a new connection, its first request?"""
         if parser.in_record or not self.got_request:
             return True
         for request in self.requests.values():
@@ -1631,9 +1487,8 @@ class Connection:
             while not self.closed:
                 owing = (read_timeout or quick_ack) and self.owes_input(parser)
                 if read_timeout:
-                    # An idle kept-open connection belongs to the web server
-                    # and may wait as long as it likes; one that owes us
-                    # input may not (slowloris, half-sent requests).
+                    # An idle kept-open connection may wait as long as the
+                    # web server likes; one that owes us input may not.
                     wanted = read_timeout if owing else None
                     if wanted != timeout:
                         transport.settimeout(wanted)
@@ -1646,8 +1501,6 @@ class Connection:
                     if self.owes_input(parser):
                         raise
                     continue    # what was owed ended meanwhile (answered)
-                # The parser copies each record's content out of the shared
-                # buffer once, and STDIN content as it arrives, unjoined.
                 for rtype, request_id, content in feed(data):
                     handler = handlers.get(rtype)
                     if handler is None:
@@ -1684,10 +1537,9 @@ class Connection:
 
     def on_unknown_type(self, record_type: int, request_id: int,
                         content: bytes) -> None:
-        """A record type not in the dispatch table, or a management type
-        on a request: a management record is answered FCGI_UNKNOWN_TYPE
-        (4.2); one of an active request is an error; one of an inactive
-        request is ignored (3.3)."""
+        """A type not in the table (or a management type on a request):
+        answered UNKNOWN_TYPE on request id 0 (4.2), an error on an active
+        request, ignored on an inactive one (3.3)."""
         if not request_id:
             self.transport.send(encode_records(
                 FCGI_UNKNOWN_TYPE, FCGI_NULL_REQUEST_ID,
@@ -1766,9 +1618,9 @@ class Connection:
             self.close()
 
     def close_write(self) -> None:
-        """Our side is done (a request without FCGI_KEEP_CONN was answered):
-        send FIN and let the web server close, so that nothing it sent late
-        turns our close into a reset; close anyway after linger_timeout."""
+        """Our side is done: send FIN and let the web server close, so that
+        nothing it sent late turns our close into a reset; close anyway
+        after linger_timeout."""
         if self.closing or self.closed:
             return
         self.closing = True
@@ -1780,8 +1632,7 @@ class Connection:
         timer.start(self.close)
 
     def close(self) -> None:
-        """Close the connection; requests still running on it are cancelled
-        (RequestAborted in their greenlets)."""
+        """Close; requests still running on it are cancelled."""
         if self.closed:
             return
         self.closed = True
@@ -1797,15 +1648,13 @@ class Connection:
         self.server.connections.discard(self)
 
     def close_when_idle(self, idle_time: float = 0.0) -> None:
-        """For a stopping server.  A web server owns a kept-open connection
-        and may send a request on it at any moment, so closing one races
-        with its next request.  Two moments make that race unlikely: right
-        after a request's END_REQUEST (the web server has not reused the
-        connection yet), and after ``idle_time`` without a request (nginx
-        reuses its most recently used connections first).  Requests that
-        arrive meanwhile are served.  We half-close, so that a request sent
-        in the race meets an orderly end of stream (nginx retries it when it
-        may) rather than a reset."""
+        """For a stopping server.  Closing a kept-open connection races with
+        the web server's next request on it, least likely right after an
+        END_REQUEST and after ``idle_time`` idle (nginx reuses its most
+        recently used connections first); requests meanwhile are served.  A
+        half-close gives a request sent in the race an orderly end of
+        stream (nginx retries it when it may), not a reset."""
+
         if self.requests or self.closing or self.closed:
             return          # end_request closes it after the last one
         remaining = self.last_active + idle_time - time.monotonic()
@@ -1818,24 +1667,16 @@ class Connection:
         self._drain_timer.start(self.close_when_idle, idle_time)
 
 
-# ---------------------------------------------------------------------------
-# 8. Request handlers
-# ---------------------------------------------------------------------------
+# 8. Request handlers ---------------------------------------------------------
 #
-# A request handler is any callable that takes a Request (the seed project's
-# IRequestHandler).  It writes a CGI response to request.stdout; it may return
-# an int, sent as the END_REQUEST appStatus.  An exception it lets out is
-# logged and, when nothing was written yet, answered with a 500 page.
-#
-# WSGIRequestHandler is our own PEP 3333 driver, the fast path.
-# WSGIRefRequestHandler runs the standard library's wsgiref.handlers instead,
-# for those who prefer its behaviour to ours.
-
+# A request handler is any callable taking a Request (IRequestHandler): it
+# writes a CGI response to request.stdout and may return an int, the
+# END_REQUEST appStatus.  WSGIRequestHandler is our own PEP 3333 driver, the
+# fast path; WSGIRefRequestHandler runs the standard library's wsgiref.
 
 # A status is three digits and a reason phrase (the reason may be empty);
 # header names are RFC 9110 tokens; no control characters anywhere, so an
-# application cannot split the response with CR/LF (gevent's pywsgi checks
-# the same).
+# application cannot split the response with CR/LF (as gevent's pywsgi).
 _STATUS_RE = re.compile(r'[1-9][0-9][0-9](?: [^\x00-\x1f\x7f]*)?\Z')
 _HEADER_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _HEADER_VALUE_BAD_RE = re.compile(r'[\x00-\x08\x0a-\x1f\x7f]')
@@ -1853,9 +1694,8 @@ def _remember_checked(checked: set, text: str) -> None:
 
 
 def check_response_start(status, headers) -> bool:
-    """What start_response() must refuse (PEP 3333 types; a status and
-    header names and values that cannot split the response with CR/LF);
-    True when the headers hold a Content-Length."""
+    """Refuse what start_response() must (PEP 3333 types, CR/LF that would
+    split the response); True when the headers hold a Content-Length."""
     if status not in _CHECKED_STATUSES:
         if type(status) is not str:
             raise TypeError('status must be str, not %r' % (status,))
@@ -1871,11 +1711,8 @@ def check_response_start(status, headers) -> bool:
             raise TypeError('header %r is not a (name, value) tuple'
                             % (header,))
         name, value = header
-        if type(value) is not str:
-            raise TypeError('header %r: name and value must be str'
-                            % (header,))
-        if name not in _CHECKED_NAMES:
-            if type(name) is not str:
+        if name not in _CHECKED_NAMES or type(value) is not str:
+            if type(name) is not str or type(value) is not str:
                 raise TypeError('header %r: name and value must be str'
                                 % (header,))
             if not _HEADER_NAME_RE.match(name):
@@ -1891,8 +1728,8 @@ def check_response_start(status, headers) -> bool:
 
 
 class FileWrapper:
-    """``wsgi.file_wrapper``: iterates a file in blocks.  The driver sends a
-    file's blocks without a flush between them, a file never blocks."""
+    """``wsgi.file_wrapper``: a file in blocks, sent without a flush between
+    them (a file never blocks)."""
 
     def __init__(self, filelike, blksize: int = DEFAULT_FLUSH_SIZE) -> None:
         self.filelike = filelike
@@ -1901,18 +1738,11 @@ class FileWrapper:
             self.close = filelike.close
 
     def __iter__(self):
-        return self
-
-    def __next__(self) -> bytes:
-        data = self.filelike.read(self.blksize)
-        if data:
-            return data
-        raise StopIteration
+        return iter(lambda: self.filelike.read(self.blksize), b'')
 
 
 class ErrorStream:
-    """``wsgi.errors``: a text stream (PEP 3333) sent on FCGI_STDERR, which
-    lands in the web server's error log."""
+    """``wsgi.errors``: text sent on FCGI_STDERR, to the web server's log."""
 
     __slots__ = ('_request',)
 
@@ -1939,7 +1769,11 @@ def _wsgi_url_scheme(environ: Dict[str, str]) -> str:
     return 'http'
 
 
+_CGI_DEFAULTS = {'SCRIPT_NAME': '', 'PATH_INFO': '', 'QUERY_STRING': '',
+                 'REQUEST_METHOD': 'GET', 'SERVER_PROTOCOL': 'HTTP/1.1',
+                 'SERVER_NAME': 'localhost', 'SERVER_PORT': '80'}
 _WSGI_CONSTANTS = {
+
     'wsgi.version': (1, 0),
     # Greenlets run requests concurrently in one process: for the
     # application that is what threads would be.
@@ -1972,17 +1806,8 @@ class WSGIRequestHandler:
         return '<%s for %r>' % (type(self).__name__, self.app)
 
     def make_environ(self, request: Request) -> Dict:
-        environ = request.environ
-        environ.setdefault('SCRIPT_NAME', '')
-        environ.setdefault('PATH_INFO', '')
-        environ.setdefault('QUERY_STRING', '')
-        environ.setdefault('REQUEST_METHOD', 'GET')
-        environ.setdefault('SERVER_PROTOCOL', 'HTTP/1.1')
-        if 'SERVER_NAME' not in environ:
-            environ['SERVER_NAME'] = 'localhost'
-        if 'SERVER_PORT' not in environ:
-            environ['SERVER_PORT'] = '80'
-        environ.update(_WSGI_CONSTANTS)
+        environ = request.environ = {**_CGI_DEFAULTS, **request.environ,
+                                     **_WSGI_CONSTANTS}
         environ['wsgi.url_scheme'] = _wsgi_url_scheme(environ)
         environ['wsgi.input'] = request.stdin
         environ['wsgi.errors'] = ErrorStream(request)
@@ -2190,20 +2015,15 @@ class _WSGIRefHandler(BaseCGIHandler):
                      exc_info=exc_info)
 
 
-# ---------------------------------------------------------------------------
-# 9. Options and applications
-# ---------------------------------------------------------------------------
+# 9. Options and applications -------------------------------------------------
 #
-# One table (after waitress's adjustments) says, for every setting, its
-# FastCGIServer keyword, its command-line flag, how a value (or its text)
-# is checked and converted, its default, and what it does.  FastCGIServer,
-# the command line, the Paste runners and the Django command all read
-# settings through it, so a setting is spelt, checked and defaulted the same
-# way everywhere, and an unknown one is an error naming it.
-#
-# Two names look alike and are not: max_reqs is FCGI_MAX_REQS, how many
-# requests a process serves at once (the original project's Paste key);
-# max_requests is gunicorn's, how many a worker serves before it retires.
+# One table (after waitress's adjustments) gives every setting's keyword,
+# command-line flag, conversion of a value or its text, default and help.
+# FastCGIServer, the command line, Paste and Django all read it, so a setting
+# is spelt, checked and defaulted the same everywhere.  Two names look alike
+# and are not: max_reqs is FCGI_MAX_REQS, requests a process serves at once
+# (the original project's key); max_requests is gunicorn's, how many a
+# worker serves before it retires.
 
 def _to_bool(text) -> bool:
     if isinstance(text, bool):
@@ -2217,43 +2037,36 @@ def _to_bool(text) -> bool:
                      'or 1/0' % (text,))
 
 
+def _to_number(text, kind, what: str, least=0, positive=False):
+    try:
+        if isinstance(text, bool):
+            raise ValueError
+        value = kind(str(text).strip())
+    except ValueError:
+        raise ValueError('%r is not %s' % (text, what)) from None
+    if value < least or (positive and value <= 0):
+        raise ValueError('%r is not %s %s' % (text, what, 'above 0' if positive
+                                              else 'of at least %d' % least))
+    return value
+
+
 def _to_int(least: int):
     def convert(text) -> int:
-        if isinstance(text, bool):
-            raise ValueError('%r is not a whole number' % (text,))
-        try:
-            value = int(str(text).strip(), 10)
-        except ValueError:
-            raise ValueError('%r is not a whole number' % (text,)) from None
-        if value < least:
-            raise ValueError('%d is less than %d' % (value, least))
-        return value
+        return _to_number(text, int, 'a whole number', least)
     convert.__name__ = 'int'
     return convert
 
 
 def _to_float(text) -> float:
-    if isinstance(text, bool):
-        raise ValueError('%r is not a number of seconds' % (text,))
-    try:
-        value = float(str(text).strip())
-    except ValueError:
-        raise ValueError('%r is not a number of seconds' % (text,)) from None
-    if value < 0:
-        raise ValueError('%r is negative' % (text,))
-    return value
+    return _to_number(text, float, 'a number of seconds')
 
 
 def _to_seconds(text) -> float:
-    value = _to_float(text)
-    if value <= 0:
-        raise ValueError('%r is not a positive number of seconds' % (text,))
-    return value
+    return _to_number(text, float, 'a number of seconds', positive=True)
 
 
 def _to_mode(text) -> int:
-    """File mode as people write it: 0660, 660, 0o660 are all octal (an int
-    is taken as it is: 0o660)."""
+    """0660, 660, 0o660: octal (an int is taken as it is)."""
     if isinstance(text, int) and not isinstance(text, bool):
         value = text
     else:
@@ -2315,8 +2128,7 @@ def _to_access_log(value):
 
 
 def _optional(convert):
-    """For settings where None means something (no limit, off): None is
-    taken as it is."""
+    """For settings where None means something (no limit, off)."""
     def convert_optional(value):
         return None if value is None else convert(value)
     convert_optional.__name__ = getattr(convert, '__name__', 'value')
@@ -2427,10 +2239,9 @@ OPTIONS_BY_NAME = {option.name: option for option in SERVER_OPTIONS}
 
 def server_settings(options: Dict, where: str = 'FastCGIServer',
                     unknown_error=ValueError) -> Dict:
-    """Every setting of the table, from ``options`` (values or their text)
-    or its default.  An unknown name (``unknown_error``) or a bad value
-    (ValueError) raises, naming it; None for a setting that has no None
-    meaning takes the default."""
+    """Every setting, from ``options`` (values or their text) or its
+    default; an unknown name (``unknown_error``) or a bad value (ValueError)
+    raises, naming it."""
     unknown = set(options) - set(OPTIONS_BY_NAME)
     if unknown:
         raise unknown_error('%s: unknown setting %s; known settings: %s'
@@ -2457,17 +2268,15 @@ def convert_setting(where: str, name: str, convert, value):
 
 
 def convert_options(settings: Dict, where: str) -> Dict:
-    """Settings as text (Paste ini, Django options) -> FastCGIServer
-    keywords, only those given.  Unknown keys and bad values raise
-    ValueError naming the key."""
+    """Settings as text (Paste ini) -> FastCGIServer keywords, those given."""
     converted = server_settings(settings, where)
     return {name: converted[name] for name in settings}
 
 
 def needs_master(settings: Dict) -> bool:
-    """Do these settings run worker processes under a master?  When asked
-    (master=True), for several workers, and for what needs someone to
-    replace a worker (max_requests, worker_timeout)."""
+    """Do these settings run workers under a master?  When asked, for
+    several workers, and for what replaces a worker (max_requests,
+    worker_timeout)."""
     if settings.get('master') is not None:
         return settings['master']
     return bool(settings.get('num_workers', 1) > 1
@@ -2508,21 +2317,13 @@ def make_handler(handler_name: str, app, debug: bool = False):
 def load_app(spec: str):
     """'module:name', 'module:name.attr' or 'module:factory()' -> object;
     'module' alone means 'module:application'."""
-    import importlib
+    import pkgutil
     module_name, _, name = spec.partition(':')
-    name = name or 'application'
     call = name.endswith('()')
-    if call:
-        name = name[:-2]
-    module = importlib.import_module(module_name)
-    obj = module
-    for part in name.split('.'):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise LookupError('%s has no attribute %r (from %r)'
-                              % (module_name, name, spec)) from None
+    name = (name[:-2] if call else name) or 'application'
+    obj = pkgutil.resolve_name('%s:%s' % (module_name, name))
     return obj() if call else obj
+
 
 
 WORKER_BOOT_ERROR = 3
@@ -2547,9 +2348,7 @@ class AppLoader:
         return self.spec
 
 
-# ---------------------------------------------------------------------------
-# 10. Listening sockets
-# ---------------------------------------------------------------------------
+# 10. Listening sockets -------------------------------------------------------
 
 def _remove_stale_unix_socket(path: str) -> None:
     """A socket file left by a crashed run is removed; one that a live server
@@ -2735,39 +2534,23 @@ def describe_address(address) -> str:
     return 'unix:%s' % address
 
 
-# ---------------------------------------------------------------------------
-# 11. Prefork master and workers
-# ---------------------------------------------------------------------------
+# 11. Prefork master and workers ----------------------------------------------
 #
-# After gunicorn's arbiter: the master binds once, forks the workers, and then
-# only watches them.  Signal handlers only queue the signal and wake the main
-# loop, which handles it by name (handle_term, handle_hup, ...).  The master
-# runs no greenlet: it waits in select() on a pipe that signals write to, so a
-# dead worker is replaced at once, not on a poll.
-#
-# An application given as an import string (AppLoader) is imported by each
-# worker, never by the master: the fresh workers of a reload import fresh
-# code.  A worker that cannot load it exits with WORKER_BOOT_ERROR and the
-# master stops with that status instead of respawning it forever.
-#
-# Each worker touches a heartbeat file from its event loop; a worker whose
-# loop is blocked (CPU-bound application code) past worker_timeout stops
-# touching it and is killed.
+# After gunicorn's arbiter: the master binds once, forks the workers, then
+# only watches them.  Signal handlers queue the signal and wake the loop
+# (select() on a pipe: no greenlet, no poll), which calls handle_<name>.  An
+# import string (AppLoader) is imported by each worker, never by the master,
+# so a reload's workers import fresh code; one that cannot exits with
+# WORKER_BOOT_ERROR.  Workers touch a heartbeat file from their event loop:
+# one blocked past worker_timeout is killed.
 
 def tune_malloc(keep_free: int = 4 * DEFAULT_SPOOL_SIZE) -> None:
-    """Two glibc settings for a server that allocates request bodies in
-    pieces and lets them go as they are read (both measured behind nginx;
-    an operator's MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ wins):
-
-    - Allocations of 128 KB and more always get pages of their own.  glibc
-      otherwise raises that threshold each time such a block is freed, after
-      which bodies of every size come from the heap and the workers' memory
-      creeps up with fragmentation (bench/soak.py: +20% RSS in 10 minutes).
-    - Up to ``keep_free`` bytes freed at the top of the heap stay there.
-      With glibc's 128 KB, every 1 MB upload gave the heap back and took it
-      again: a brk() and 36 page faults per request, half the system time
-      an upload cost.
-    """
+    """Two glibc settings, measured behind nginx (the operator's
+    MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ win): blocks of 128 KB
+    and more always get pages of their own (glibc raises that threshold as
+    they are freed, and fragmentation grew RSS 20% in 10 minutes of
+    bench/soak.py); up to ``keep_free`` bytes freed at the top of the heap
+    stay (with 128 KB, each 1 MB upload cost a brk() and 36 page faults)."""
     settings = ((-3, 'MALLOC_MMAP_THRESHOLD_', 128 * 1024),   # M_MMAP_THRESHOLD
                 (-1, 'MALLOC_TRIM_THRESHOLD_', keep_free))    # M_TRIM_THRESHOLD
     try:
@@ -2783,8 +2566,7 @@ def tune_malloc(keep_free: int = 4 * DEFAULT_SPOOL_SIZE) -> None:
 
 
 def reopen_log_files() -> None:
-    """SIGUSR1, logrotate's signal (as for nginx and gunicorn): reopen
-    the files this process logs to, the access log included."""
+    """SIGUSR1 (logrotate's, as for nginx and gunicorn): reopen log files."""
     named = logging.Logger.manager.loggerDict.values()
     for log in [logging.getLogger()] + [log for log in named
                                         if isinstance(log, logging.Logger)]:
@@ -2800,11 +2582,9 @@ def reopen_log_files() -> None:
 
 
 def handle_signals(server, reload: str) -> list:
-    """The signals of a process that serves (a worker, or a server without
-    a master), handled in its event loop: TERM and INT stop gracefully, a
-    second one or QUIT at once; USR1 reopens log files; HUP (``reload``
-    says what it does), USR2 and WINCH are logged and ignored: no signal
-    an operator sends by habit stops a server by surprise."""
+    """Signals of a serving process: TERM, INT stop gracefully, a second one
+    or QUIT at once; USR1 reopens log files; HUP (``reload`` says what it
+    does), USR2, WINCH are logged: no habit stops a server by surprise."""
     def ignored(name, what):
         logger.info('%d: %s ignored%s', os.getpid(), name, what)
     return [gevent.signal_handler(signal.SIGTERM, server.shutdown),
@@ -3192,28 +2972,18 @@ def _heartbeat(server, fd: int, master: int):
     return timer
 
 
-# ---------------------------------------------------------------------------
-# 12. FastCGIServer
-# ---------------------------------------------------------------------------
+# 12. FastCGIServer -----------------------------------------------------------
 
 class FastCGIServer(StreamServer):
-    """A FastCGI server: accepts connections from web servers and runs
+    """Accepts connections from web servers and runs
     ``request_handler(request)`` for each request.
 
-    address        (host, port) for TCP (IPv4 or IPv6), a path for a unix
-                   socket, an int: an inherited listening socket's file
-                   descriptor, a listening socket object; or a list of these
-                   to listen on several at once
-    request_handler  callable taking a Request, e.g. WSGIRequestHandler(app)
-    **options      the settings of SERVER_OPTIONS (section 9, and the
-                   options table of README.rst): num_workers, max_conns,
-                   max_reqs, role, socket_mode, request_timeout, ...
+    address   (host, port), a unix socket path, an inherited listening
+              socket's fd, a listening socket; or a list of these
+    options   SERVER_OPTIONS (README.rst's table): num_workers, max_conns...
 
-    The socket is bound when the server is created, so that a bad address
-    fails at once; it is closed by stop().  serve_forever() serves in this
-    process, or runs a master and workers (section 11) when the settings
-    ask for one (needs_master).
-    """
+    It binds at once, so that a bad address fails at once.  serve_forever()
+    serves in this process, or runs a master and workers (needs_master)."""
 
     connection_class = Connection
     #: a stopping server closes a kept-open idle connection once it has been
@@ -3233,15 +3003,9 @@ class FastCGIServer(StreamServer):
         settings = server_settings(options, unknown_error=TypeError)
         self.settings = settings
         self.request_handler = request_handler
+        for name, value in settings.items():
+            setattr(self, name, value)
         self.roles = settings['role']
-        for name in ('num_workers', 'max_conns', 'max_reqs', 'socket_mode',
-                     'socket_owner', 'spool_size', 'max_params_size',
-                     'max_params', 'stop_timeout', 'max_body_size',
-                     'max_spool_size',
-                     'read_timeout', 'script_name', 'max_requests',
-                     'max_requests_jitter', 'request_timeout',
-                     'worker_timeout'):
-            setattr(self, name, settings[name])
         self.requests_served = 0
         self.web_server_addrs = _web_server_addrs()
         self.access_log = configure_access_log(settings['access_log'])
@@ -3303,8 +3067,7 @@ class FastCGIServer(StreamServer):
     _request_greenlets = None
 
     def request_greenlets(self) -> RequestGreenlets:
-        """This process's RequestGreenlets (a fork gets a hub, and so
-        greenlets, of its own)."""
+        """This process's RequestGreenlets (a fork has a hub of its own)."""
         runner = self._request_greenlets
         if runner is None or runner.hub is not gevent.get_hub():
             runner = self._request_greenlets = RequestGreenlets()
@@ -3346,10 +3109,8 @@ class FastCGIServer(StreamServer):
             self.unix_paths = []
 
     def shutdown(self, at_once: bool = False) -> None:
-        """Ask serve_forever() (or a worker's loop) to stop: gracefully,
-        or ``at_once`` without waiting for requests in flight, as a second
-        call does too (a QUIT after a TERM, a second INT).  What the stop
-        signals call."""
+        """Make serve_forever() stop: gracefully, or ``at_once`` (also on
+        a second call) without waiting for requests in flight."""
         if at_once or self._stop_requested.is_set():
             self.stop_timeout = 0
             if self.stopping:       # already draining: cut it short
@@ -3365,10 +3126,8 @@ class FastCGIServer(StreamServer):
         self.stop()
 
     def serve_forever(self, stop_timeout=None) -> int:
-        """Serve until stopped; return the exit status (0, or
-        WORKER_BOOT_ERROR when workers could not load the application).
-        In the main thread, SIGTERM and SIGINT stop gracefully (requests in
-        flight finish, up to stop_timeout) and SIGQUIT stops at once."""
+        """Serve until stopped (in the main thread: by handle_signals');
+        return the exit status: 0, or WORKER_BOOT_ERROR."""
         if stop_timeout is not None:
             self.stop_timeout = stop_timeout
         if needs_master(self.settings):
@@ -3387,15 +3146,12 @@ class FastCGIServer(StreamServer):
         return 0
 
 
-# ---------------------------------------------------------------------------
-# 13. Running a server: run_server, pid file, PasteDeploy runners
-# ---------------------------------------------------------------------------
+# 13. Running a server: run_server, pid file, PasteDeploy runners -------------
 
 def write_pid_file(path: str) -> None:
-    """Write our pid to ``path``, never through a symlink someone planted
-    (a server started as root would write into any file): the pid goes
-    into a new file of an unpredictable name (O_EXCL), which then replaces
-    whatever ``path`` was, a half-written pid file never seen."""
+    """Write our pid to ``path`` by replacing it with a new file (O_EXCL,
+    unpredictable name): never through a planted symlink, never half-written
+    to a reader."""
     folder, name = os.path.split(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix='.%s.' % name, dir=folder)
     try:
@@ -3423,24 +3179,18 @@ def remove_pid_file(path: str) -> None:
 
 def run_server(app, address, handler: str = 'wsgi', debug: bool = False,
                pid_file: Optional[str] = None, **options) -> int:
-    """What the command line, the Paste runners and the Django command all
-    do: make the server (binding at once), write the pid file, serve until
-    stopped; return the exit status.  ``app`` may be an AppLoader, which
-    each worker loads."""
+    """The command line's, Paste's and Django's way to serve: make the
+    server, write the pid file, serve; return the exit status.  ``app`` may
+    be an AppLoader, which each worker loads."""
     request_handler = (app if isinstance(app, AppLoader)
                        else make_handler(handler, app, debug))
     if threading.current_thread() is threading.main_thread():
-        # From the moment the address answers: a signal sent by habit
-        # (logrotate's USR1) must not kill a server whose own handlers
-        # (handle_signals, the master's) are not installed yet.
+        # A signal sent by habit (logrotate's USR1) once the address answers
+        # must not kill a server whose own handlers are not installed yet.
         for name in ('SIGUSR1', 'SIGUSR2', 'SIGWINCH'):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
     server = FastCGIServer(address, request_handler, **options)
-    # This process was started to serve (the command line, pserve,
-    # manage.py): process-wide tuning is ours to do.  (A program that only
-    # calls serve_forever() keeps its malloc as it is; workers tune their
-    # own.)
-    tune_malloc()
+    tune_malloc()   # this process was started to serve: not a host program's
     logger.info('gevent_fastcgi %s serving %r on %s', __version__, app,
                 ', '.join(describe_address(a) for a in server.addresses))
     if pid_file:
@@ -3487,9 +3237,7 @@ run_wsgiref = _paste_runner('wsgiref')
 run_fastcgi = _paste_runner('fastcgi')
 
 
-# ---------------------------------------------------------------------------
-# 14. The built-in FastCGI client and the demo application
-# ---------------------------------------------------------------------------
+# 14. The built-in FastCGI client and the demo application --------------------
 
 def fastcgi_request(address, uri: str = '/', method: str = 'GET',
                     headers: Iterable[Tuple[str, str]] = (), body: bytes = b'',
@@ -3585,10 +3333,7 @@ def demo_app(environ, start_response):
     return [body]
 
 
-
-# ---------------------------------------------------------------------------
-# 15. Command line
-# ---------------------------------------------------------------------------
+# 15. Command line ------------------------------------------------------------
 
 LOG_FORMAT = '%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s'
 
@@ -3794,21 +3539,14 @@ def main(argv=None) -> int:
         return 1
 
 
-
-# ---------------------------------------------------------------------------
-# 16. Django management command
-# ---------------------------------------------------------------------------
+# 16. Django management command -----------------------------------------------
 #
-# INSTALLED_APPS names 'gevent_fastcgi.DjangoAppConfig', an AppConfig class
-# made when Django asks for it (section 18's module __getattr__), so that
-# Django is imported only by projects that use it.  Its ready() installs the
-# command.  Django looks for commands with
-# pkgutil.iter_modules([<app folder>/management/commands]) and imports
-# '<app>.management.commands.<name>'.  That folder does not exist: a path
-# hook, last in sys.path_hooks so that it sees nothing a real finder claims,
-# answers for exactly that path with our one command, and sys.modules holds
-# the modules Django then imports.  Nothing of this happens before Django
-# calls ready().
+# INSTALLED_APPS names 'gevent_fastcgi.DjangoAppConfig', made when Django asks
+# (module __getattr__); its ready() installs the command.  Django lists
+# <app folder>/management/commands with pkgutil.iter_modules and imports
+# '<app>.management.commands.<name>': a path hook, last so that it sees only
+# what no real finder claims, answers for that one folder, and sys.modules
+# holds the modules Django then imports.
 
 DJANGO_COMMAND = 'run_gevent_fastcgi'
 
@@ -3836,8 +3574,7 @@ def _django_path_hook(path: str):
 
 
 def install_django_command() -> None:
-    """Let Django find 'manage.py run_gevent_fastcgi' (what the app
-    config's ready() does); idempotent."""
+    """Let Django find 'manage.py run_gevent_fastcgi'; idempotent."""
     import types
     command = types.ModuleType('%s.management.commands.%s'
                                % (__name__, DJANGO_COMMAND))
@@ -3902,13 +3639,11 @@ def _django_app_config_class():
     return DjangoAppConfig
 
 
-# ---------------------------------------------------------------------------
-# 17. Optional zope.interface declarations
-# ---------------------------------------------------------------------------
+# 17. Optional zope.interface declarations ------------------------------------
 #
-# IRequest and IRequestHandler are made on first access (PEP 562 module
-# __getattr__), so zope.interface is imported only by those who use it, and
-# the shipped classes are declared to provide them at that moment.
+# IRequest and IRequestHandler are made on first access (module __getattr__):
+# zope.interface is imported only by those who use it.
+
 
 _interfaces = {}
 
@@ -3943,12 +3678,7 @@ def _declare_interfaces() -> Dict:
     return _interfaces
 
 
-
-
-
-# ---------------------------------------------------------------------------
-# 18. Compatibility with the original project
-# ---------------------------------------------------------------------------
+# 18. Compatibility with the original project ---------------------------------
 
 def install_original_import_paths() -> None:
     """Make the original project's module paths work after one call:

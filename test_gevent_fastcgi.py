@@ -1209,14 +1209,14 @@ class TestInputStream:
         for _ in range(256):                       # 8 MB
             stream.feed(chunk)
         stream.feed_eof()
-        assert stream.spooled, 'an 8 MB body stayed in memory'
+        assert stream.spooled_bytes, 'an 8 MB body stayed in memory'
         assert stream.read(32768) == chunk
         assert len(stream.read()) == 255 * 32768
 
     def test_small_body_stays_in_memory(self):
         stream = fcgi.InputStream(spool_size=64 * 1024)
         stream.feed(b'x' * 1000)
-        assert not stream.spooled
+        assert not stream.spooled_bytes
 
     def test_disk_full_fails_that_request_only(self, serve, monkeypatch):
         def app(environ, start_response):
@@ -1272,15 +1272,15 @@ class TestInputStream:
         stream.feed_eof()
         total = sum(map(len, pieces))
         if total > spool_size:
-            assert stream.spooled
+            assert stream.spooled_bytes
         elif total + fcgi._PIECE_COST * len(pieces) <= spool_size:
-            assert not stream.spooled       # (each piece held counts too)
+            assert not stream.spooled_bytes       # (each piece held counts too)
         model = io.BytesIO(b''.join(pieces))
         for method, size in reads:
             assert getattr(stream, method)(size) == \
                 getattr(model, method)(size)
         assert stream.read() == model.read()
-        assert not stream.spooled           # all read: the file is gone
+        assert not stream.spooled_bytes           # all read: the file is gone
         stream.close()
 
     def test_input_moves_to_disk_mid_read_and_reads_on(self):
@@ -1289,7 +1289,7 @@ class TestInputStream:
         assert stream.readline() == b'line one\n'
         assert stream.read(5) == b'line '
         stream.feed(b'b' * 60)          # 113 unread: to disk
-        assert stream.spooled
+        assert stream.spooled_bytes
         stream.feed(b'\nend')
         stream.feed_eof()
         assert stream.readline() == b'two\n'
