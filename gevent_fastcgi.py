@@ -777,7 +777,8 @@ class OutputStream:
                                 parts)
         self._chunks = []
         self._pending = 0
-        self._request.connection.transport.send_parts(parts)
+        self._request.connection.transport.send(parts)
+
 
     def take_records(self) -> bytes:
         """What was written and not yet sent, as records; the buffer empties."""
@@ -1333,10 +1334,11 @@ class Transport:
     def settimeout(self, timeout: Optional[float]) -> None:
         self.socket.settimeout(timeout)
 
-    def send(self, data: bytes, more: bool = False) -> None:
-        """Send bytes whole.  ``more``: our FIN follows, and MSG_MORE lets it
-        ride on the last segment: the web server learns that the connection
-        closes with the END_REQUEST, not after pooling the connection."""
+    def send(self, data, more: bool = False) -> None:
+        """Send bytes, or a list of buffers (gather writes: the kernel copies
+        them, we do not), whole.  ``more``: our FIN follows, and MSG_MORE
+        lets it ride on the last segment: the web server learns that the
+        connection closes with the END_REQUEST, not after pooling it."""
         flags = _MSG_MORE if more and self.tcp else 0
         with self._send_lock:
             if self.closed:
@@ -1344,44 +1346,31 @@ class Transport:
                                        'closed')
             sent = 0
             try:
-                # One send() usually takes it all; gevent's sendall() would
-                # first ask the kernel for SO_SNDBUF, a syscall per call.
-                sent = self.socket.send(data, flags)
-                if sent < len(data):
-                    view = memoryview(data)
-                    while sent < len(data):
-                        sent += self.socket.send(view[sent:], flags)
+                if type(data) is not list:
+                    # One send() usually takes it all; gevent's sendall()
+                    # would first ask for SO_SNDBUF, a syscall per call.
+                    sent = self.socket.send(data, flags)
+                    if sent < len(data):
+                        view = memoryview(data)
+                        while sent < len(data):
+                            sent += self.socket.send(view[sent:], flags)
+                    return
+                views = [memoryview(part).cast('B') for part in data]
+                while views:
+                    done = self.socket.sendmsg(views[:_IOV_MAX], (), flags)
+                    sent += done
+                    while done:
+                        size = views[0].nbytes
+                        if done >= size:
+                            done -= size
+                            del views[0]
+                        else:
+                            views[0] = views[0][done:]
+                            done = 0
             except OSError as exc:
                 raise self._lost(exc) from None
             except BaseException:
                 if sent:
-                    self._cut()
-                raise
-
-    def send_parts(self, parts: list) -> None:
-        """Send buffers whole with gather writes: the kernel copies them."""
-        views = [memoryview(part).cast('B') for part in parts]
-        with self._send_lock:
-            if self.closed:
-                raise ConnectionClosed('connection to the web server is '
-                                       'closed')
-            begun = False
-            try:
-                while views:
-                    sent = self.socket.sendmsg(views[:_IOV_MAX])
-                    begun = True
-                    while sent:
-                        size = views[0].nbytes
-                        if sent >= size:
-                            sent -= size
-                            del views[0]
-                        else:
-                            views[0] = views[0][sent:]
-                            sent = 0
-            except OSError as exc:
-                raise self._lost(exc) from None
-            except BaseException:
-                if begun:
                     self._cut()
                 raise
 
@@ -2087,25 +2076,16 @@ def _to_role(value) -> frozenset:
     """FCGI_* ints or names ('responder'), one or several (a list, or text
     separated by commas)."""
     if isinstance(value, str):
-        value = [part for part in re.split(r'[,\s]+', value) if part]
+        value = re.split(r'[,\s]+', value.strip())
     elif isinstance(value, int):
         value = [value]
     by_name = {name.lower(): number for number, name in ROLE_NAMES.items()}
-    roles = set()
-    for item in value:
-        if isinstance(item, str):
-            number = by_name.get(item.lower())
-            if number is None:
-                raise ValueError('unknown role %r: use responder, authorizer '
-                                 'or filter' % item)
-            item = number
-        if item not in ROLE_NAMES:
-            raise ValueError('unknown role %r: use FCGI_RESPONDER (1), '
-                             'FCGI_AUTHORIZER (2) or FCGI_FILTER (3)' % item)
-        roles.add(item)
-    if not roles:
-        raise ValueError('serve at least one role')
-    return frozenset(roles)
+    roles = frozenset(by_name.get(str(item).lower(), item) for item in value)
+    if not roles or not roles <= ROLE_NAMES.keys():
+        raise ValueError('unknown role in %r: use responder, authorizer or '
+                         'filter (FCGI_RESPONDER...: 1, 2, 3)' % (value,))
+    return roles
+
 
 
 def _to_workers(text) -> int:
@@ -2450,19 +2430,12 @@ def _web_server_addrs():
     text = os.environ.get('FCGI_WEB_SERVER_ADDRS')
     if text is None:
         return None
-    allowed = set()
-    for item in text.split(','):
-        item = item.strip()
-        if not item:
-            continue
-        try:
-            address = ipaddress.ip_address(item)
-        except ValueError:
-            raise ValueError('FCGI_WEB_SERVER_ADDRS: %r is not an IP address'
-                             % item) from None
-        # as peers are: '::ffff:127.0.0.1' is the IPv4 peer it names
-        allowed.add(_unmapped(address))
-    return allowed
+    try:    # as peers are: '::ffff:127.0.0.1' is the IPv4 peer it names
+        return {_unmapped(ipaddress.ip_address(item.strip()))
+                for item in text.split(',') if item.strip()}
+    except ValueError as exc:
+        raise ValueError('FCGI_WEB_SERVER_ADDRS: %s' % exc) from None
+
 
 
 def _unmapped(address):
@@ -3475,11 +3448,9 @@ def client_main(argv) -> int:
         return 1
     if protocol_status != FCGI_REQUEST_COMPLETE:
         if not args.quiet:
-            print('request refused: %s' % {
-                FCGI_CANT_MPX_CONN: 'FCGI_CANT_MPX_CONN',
-                FCGI_OVERLOADED: 'FCGI_OVERLOADED',
-                FCGI_UNKNOWN_ROLE: 'FCGI_UNKNOWN_ROLE'}.get(
-                    protocol_status, protocol_status), file=sys.stderr)
+            print('request refused: protocol status %d (FCGI_CANT_MPX_CONN, '
+                  'FCGI_OVERLOADED, FCGI_UNKNOWN_ROLE: 1, 2, 3)'
+                  % protocol_status, file=sys.stderr)
         return 1
     if not args.quiet:
         sys.stdout.buffer.write(stdout)
@@ -3681,15 +3652,10 @@ def _declare_interfaces() -> Dict:
 # 18. Compatibility with the original project ---------------------------------
 
 def install_original_import_paths() -> None:
-    """Make the original project's module paths work after one call:
+    """After this one call (never on import: a vendored file must not change
+    its host's sys.modules), the original project's module paths work:
     ``gevent_fastcgi.server``, ``.wsgi``, ``.const``, ``.base`` (this
-    module) and ``.interfaces`` (IRequest, IRequestHandler), e.g.::
-
-        import gevent_fastcgi; gevent_fastcgi.install_original_import_paths()
-        from gevent_fastcgi.server import FastCGIServer
-
-    Importing this module does not do it: a vendored file must not change
-    its host's sys.modules.  Idempotent."""
+    module) and ``.interfaces`` (IRequest, IRequestHandler).  Idempotent."""
     import types
     module = sys.modules.get(__name__)
     if module is None:
