@@ -64,7 +64,7 @@ import gevent.socket
 from gevent.server import StreamServer
 
 # A literal, so that a vendored copy of this file knows its version uninstalled.
-__version__ = '0.9.0'
+__version__ = '2.0.0'
 
 __all__ = [
     'FastCGIServer', 'WSGIRequestHandler', 'WSGIRefRequestHandler',
@@ -1279,6 +1279,7 @@ _MSG_MORE = getattr(_stdlib_socket, 'MSG_MORE', 0)
 _TCP_QUICKACK = getattr(_stdlib_socket, 'TCP_QUICKACK', None)   # Linux
 _IOV_MAX = 1024     # buffers one sendmsg() may take (Linux's IOV_MAX)
 _ABORT_MARKER = bytes(FCGI_HEADER_LEN)      # version 0: see Transport.abort
+_SOCKET_TIMEOUT = _stdlib_socket.timeout    # not TimeoutError before 3.10
 
 
 class Transport:
@@ -1486,7 +1487,7 @@ class Connection:
                     transport.quick_ack()
                 try:
                     data = receive()
-                except TimeoutError:
+                except _SOCKET_TIMEOUT:
                     if self.owes_input(parser):
                         raise
                     continue    # what was owed ended meanwhile (answered)
@@ -1501,7 +1502,7 @@ class Connection:
         except ProtocolError as exc:
             logger.warning('%s: protocol error, connection closed: %s',
                            self, exc)
-        except TimeoutError:
+        except _SOCKET_TIMEOUT:
             if not self.closed:
                 logger.warning('%s: nothing received for %gs while a request '
                                'was unfinished: connection closed', self,

@@ -13,6 +13,7 @@ Run: python -m pytest -q test_gevent_fastcgi.py
 import ast
 import hashlib
 import http.client
+import importlib
 import io
 import json
 import logging
@@ -396,12 +397,16 @@ def make_e2e_app(greeting='Hello, World'):
     return app
 
 
+STARTED = []    # our servers' processes, stopped after each test
+
+
 def start_server_process(args, port=None, env=None, **kwargs):
     """python -m gevent_fastcgi ARGS, run from this folder."""
     proc = subprocess.Popen(
         [sys.executable, '-m', 'gevent_fastcgi'] + args, cwd=HERE,
         env=dict(os.environ, PYTHONPATH=HERE, **(env or {})),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kwargs)
+    STARTED.append(proc)
     if port is not None:
         wait_for_port(port, proc=proc)
     return proc
@@ -418,14 +423,27 @@ def stop_process(proc, sig=signal.SIGTERM, timeout=15):
     return proc.returncode
 
 
+def missing(what):
+    """Skip a test that needs what is not installed; under CI, fail it."""
+    if os.environ.get('CI'):
+        pytest.fail('%s is not installed: .ci/run must install it' % what)
+    pytest.skip('%s is not installed' % what)
+
+
 def require(program):
-    path = which(program)
-    if not path:
-        if os.environ.get('CI'):
-            pytest.fail('%s is not installed: .ci/run must install it'
-                        % program)
-        pytest.skip('%s is not installed' % program)
-    return path
+    """The path of an outside program a test runs (a web server, a FastCGI
+    tool).  GEVENT_FASTCGI_FAST_TESTS=1 skips every test that needs one:
+    .ci/run's fast runs on the Pythons between the oldest and the newest."""
+    if os.environ.get('GEVENT_FASTCGI_FAST_TESTS'):
+        pytest.skip('fast run: no outside programs')
+    return which(program) or missing(program)
+
+
+def require_module(name):
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        missing('%s (%s)' % (name, exc))
 
 
 def run_cli(*args, **kwargs):
@@ -482,6 +500,7 @@ class Master:
         self.lines = []
         self.reader = threading.Thread(target=self._read_log, daemon=True)
         self.reader.start()
+        STARTED.append(self.proc)
         wait_for_port(self.port, proc=self.proc)
 
     def _read_log(self):
@@ -510,6 +529,16 @@ class Master:
         self.reader.join(10)
         self.log = ''.join(self.lines)
         return status
+
+
+@pytest.fixture(autouse=True)
+def stop_leftover_servers():
+    """A test that failed or was skipped halfway leaves no server behind
+    (a module's fixture keeps its own until the module ends)."""
+    before = len(STARTED)
+    yield
+    while len(STARTED) > before:
+        stop_process(STARTED.pop(), signal.SIGQUIT)
 
 
 def steady_load(request, duration, threads=4):
@@ -2519,7 +2548,7 @@ class CapturingProxy:
         self.port = self.listener.getsockname()[1]
         self.upstream = upstream
         self.received = []
-        self.thread = threading.Thread(target=self._serve)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
     def _serve(self):
@@ -4047,7 +4076,7 @@ class TestPaste:
 
     @pytest.mark.parametrize('handler', ['wsgi', 'wsgiref'])
     def test_paste_deploy_runner(self, tmp_path, handler):
-        pytest.importorskip('paste.deploy')
+        require_module('paste.deploy')
         path = str(tmp_path / 'paste.sock')
         ini = tmp_path / 'app.ini'
         ini.write_text(PASTE_INI.format(handler=handler, socket=path))
@@ -4104,8 +4133,8 @@ gevent.monkey.patch_time = no
 
 class TestPyramidUnderPserve:
     def test_pserve_behind_nginx(self, tmp_path):
-        pytest.importorskip('pyramid')
-        pserve = shutil.which('pserve') or pytest.skip('no pserve')
+        require_module('pyramid')
+        pserve = shutil.which('pserve') or missing('pserve')
         (tmp_path / 'pyramid_demo.py').write_text(PYRAMID_APP)
         port = free_port()
         log = tmp_path / 'access.log'
@@ -4164,9 +4193,7 @@ class TestBuiltinClientAgainstLibfcgi:
     def test_health_check_of_a_c_fastcgi_program(self, tmp_path):
         cc = require('gcc')
         if not os.path.exists('/usr/include/fcgiapp.h'):
-            if os.environ.get('CI'):
-                pytest.fail('libfcgi-dev is not installed')
-            pytest.skip('libfcgi-dev is not installed')
+            missing('libfcgi-dev')
         source = tmp_path / 'hello.c'
         source.write_text(LIBFCGI_HELLO)
         binary = tmp_path / 'hello'
@@ -4338,7 +4365,7 @@ class TestCommandLine:
 
 class TestDjango:
     def test_startproject_served_behind_nginx(self, tmp_path):
-        pytest.importorskip('django')
+        require_module('django')
         project = tmp_path / 'project'
         project.mkdir()
         subprocess.run([sys.executable, '-m', 'django', 'startproject',
@@ -4392,7 +4419,7 @@ class TestDjango:
 
 class TestInterfaces:
     def test_shipped_classes_provide_the_interfaces(self, serve):
-        pytest.importorskip('zope.interface')
+        require_module('zope.interface')
         from zope.interface.verify import verifyObject
         fcgi.install_original_import_paths()
         from gevent_fastcgi.interfaces import IRequest, IRequestHandler
@@ -4450,7 +4477,7 @@ class TestInterfaces:
 class TestReadmeCGIExample:
     @pytest.fixture
     def handler_class(self):
-        pytest.importorskip('zope.interface')
+        require_module('zope.interface')
         code = readme_python_blocks()[1]
         assert 'class CGIRequestHandler' in code
         namespace = {'__name__': 'readme_example'}
