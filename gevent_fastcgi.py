@@ -893,16 +893,22 @@ def configure_access_log(target) -> bool:
     return True
 
 
-def mount(environ: Dict[str, str], script_name: str) -> None:
-    """SCRIPT_NAME := where the application is mounted, PATH_INFO := the
-    rest, whatever the web server made of them (Debian's nginx and Apache
-    send the whole path as SCRIPT_NAME, HAProxy none): the whole path is
-    both as sent or, when both are empty, REQUEST_URI's path, %-decoded."""
-    from urllib.parse import unquote_to_bytes
+def request_path(environ: Dict[str, str]) -> str:
+    """The whole path: SCRIPT_NAME + PATH_INFO as sent or, when both are
+    empty, REQUEST_URI's path, %-decoded."""
     path = environ.get('SCRIPT_NAME', '') + environ.get('PATH_INFO', '')
     if not path:
+        from urllib.parse import unquote_to_bytes
         uri = environ.get('REQUEST_URI') or environ.get('DOCUMENT_URI', '')
         path = unquote_to_bytes(uri.partition('?')[0]).decode('latin-1')
+    return path
+
+
+def mount(environ: Dict[str, str], script_name: str) -> None:
+    """SCRIPT_NAME := where the application is mounted, PATH_INFO := the
+    rest of request_path(), whatever the web server made of them (Debian's
+    nginx and Apache send the whole path as SCRIPT_NAME, HAProxy none)."""
+    path = request_path(environ)
     if path == script_name or path.startswith(script_name + '/'):
         environ['SCRIPT_NAME'] = script_name
         environ['PATH_INFO'] = path[len(script_name):]
@@ -1108,6 +1114,12 @@ class Request:
             return False
         if server.script_name is not None:
             mount(environ, server.script_name)
+        if server.ping_path is not None and (
+                request_path(environ) == server.ping_path):
+            # a health check: answered here, the application is not called
+            self.end(output=encode_records(FCGI_STDOUT, self.id, plain_response(
+                '200 OK', b'pong\n')) + STDOUT_END[self.id])
+            return False
         return True
 
     def add_input(self, stream: InputStream, content: bytes,
@@ -2102,6 +2114,12 @@ def _to_script_name(text) -> str:
     return script_name
 
 
+def _to_path(text) -> str:
+    if not str(text).startswith('/'):
+        raise ValueError('%r does not start with /' % (text,))
+    return str(text)
+
+
 def _to_access_log(value):
     if value is None or isinstance(value, bool):
         return value
@@ -2207,7 +2225,12 @@ SERVER_OPTIONS = [
            'where the application is mounted (empty for /, or /prefix): '
            'SCRIPT_NAME and PATH_INFO are set from it and the request path, '
            'whatever the web server sent'),
+    Option('ping_path', '--ping-path', _optional(_to_path), None,
+           'answer "pong" (200, text/plain) to requests for this path '
+           'without calling the application: health checks (PHP-FPM\'s '
+           'ping.path; default: off)'),
     Option('access_log', '--access-log', _to_access_log, None,
+
            'access log, combined format plus the duration in microseconds: '
            'a file, or - for stdout (default: none)'),
     Option('master', None, _optional(_to_bool), None,
@@ -2555,14 +2578,20 @@ def reopen_log_files() -> None:
                     handler.release()
 
 
-def handle_signals(server, reload: str) -> list:
+def handle_signals(server, reload: str, worker: bool = False) -> list:
     """Signals of a serving process: TERM, INT stop gracefully, a second one
     or QUIT at once; USR1 reopens log files; HUP (``reload`` says what it
-    does), USR2, WINCH are logged: no habit stops a server by surprise."""
+    does), USR2, WINCH are logged: no habit stops a server by surprise.
+    A worker's TERM and INT never escalate: Ctrl-C and systemd's
+    KillMode=control-group signal every process, and the master forwards
+    them too; the master escalates (with QUIT)."""
     def ignored(name, what):
         logger.info('%d: %s ignored%s', os.getpid(), name, what)
-    return [gevent.signal_handler(signal.SIGTERM, server.shutdown),
-            gevent.signal_handler(signal.SIGINT, server.shutdown),
+    escalate = not worker
+    return [gevent.signal_handler(signal.SIGTERM, server.shutdown, False,
+                                  escalate),
+            gevent.signal_handler(signal.SIGINT, server.shutdown, False,
+                                  escalate),
             gevent.signal_handler(signal.SIGQUIT, server.shutdown, True),
             gevent.signal_handler(signal.SIGUSR1, reopen_log_files),
             gevent.signal_handler(signal.SIGHUP, ignored, 'SIGHUP', reload),
@@ -2749,6 +2778,8 @@ class Arbiter(WorkerGroup):
         self.pid = os.getpid()
         self.exit_status = 0
         self._wake_r = self._wake_w = None
+        # workers wait for EOF on this pipe: we closed our listeners
+        self._listening_r = self._listening_w = None
 
     # -- the master's loop ----------------------------------------------------
 
@@ -2757,6 +2788,7 @@ class Arbiter(WorkerGroup):
         self._wake_r, self._wake_w = os.pipe()
         for fd in (self._wake_r, self._wake_w):
             os.set_blocking(fd, False)
+        self._listening_r, self._listening_w = os.pipe()
         for name in self.SIGNALS:
             signal.signal(getattr(signal, name), self._queue_signal)
         self.running = True
@@ -2786,7 +2818,8 @@ class Arbiter(WorkerGroup):
                 signal.signal(getattr(signal, name), signal.SIG_DFL)
             os.close(self._wake_r)
             os.close(self._wake_w)
-            self.server.close()
+            self._close_listeners()
+            os.close(self._listening_r)
             self.server._remove_unix_sockets()
         logger.info('master %d: stopped', os.getpid())
         return self.exit_status
@@ -2841,8 +2874,19 @@ class Arbiter(WorkerGroup):
             logger.info('master %d: %d workers', os.getpid(),
                         self.num_workers)
 
+    def _close_listeners(self) -> None:
+        """Our copies of the listening sockets close before the workers'
+        (see FastCGIServer.stop): the last copy must be one that the
+        backlog was just taken from, or what waits there is reset."""
+        self.server.close()
+        if self._listening_w is not None:
+            os.close(self._listening_w)
+            self._listening_w = None
+
     def stop(self, graceful: bool = True) -> None:
+        self._close_listeners()
         self.running = False
+
         for worker in self.workers.values():
             self.kill(worker.pid, signal.SIGTERM if graceful
                       else signal.SIGQUIT)
@@ -2881,6 +2925,8 @@ class Arbiter(WorkerGroup):
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             os.close(self._wake_r)
             os.close(self._wake_w)
+            os.close(self._listening_w)
+            self.server.master_listening = self._listening_r
             for other in self.workers.values():
                 other.heartbeat.close()
             status = run_worker(self.server, heartbeat, self.pid)
@@ -2912,13 +2958,14 @@ def run_worker(server, heartbeat, master: int) -> int:
         def retire():
             logger.info('worker %d: retiring after %d requests '
                         '(max_requests)', os.getpid(), server.requests_served)
+            server.master_listening = None      # it listens on: no wait
             server.shutdown()
         server.retire = retire
         logger.info('worker %d: retires after %d requests (max_requests)',
                     os.getpid(), server.retire_after)
     server.start()
     beat = _heartbeat(server, heartbeat.fileno(), master)
-    handle_signals(server, ' (the master reloads)')
+    handle_signals(server, ' (the master reloads)', worker=True)
     server.serve_until_shutdown()
     beat.close()
     return 0
@@ -2967,6 +3014,8 @@ class FastCGIServer(StreamServer):
     #: max_requests; 0: never) by calling retire(), which the worker sets
     retire_after = 0
     retire = None
+    #: a worker's end of a pipe the master closes with its listeners
+    master_listening = None
 
     def __init__(self, address, request_handler, **options) -> None:
         if not callable(request_handler):
@@ -3056,7 +3105,10 @@ class FastCGIServer(StreamServer):
             return
         connection = self.connection_class(self, sock, address)
         self.connections.add(connection)
+        if self.stopping:       # taken from the backlog by stop()
+            connection.close_when_idle(self.drain_idle_time)
         connection.run()
+
 
     def stop(self, timeout=None) -> None:
         """Stop accepting; idle connections close now, busy ones when their
@@ -3066,7 +3118,27 @@ class FastCGIServer(StreamServer):
         self._stop_requested.set()
         for connection in list(self.connections):
             connection.close_when_idle(self.drain_idle_time)
+        if self.master_listening is not None:
+            # A worker: the master's copies of the listeners close first
+            # (as it stops, and all may get the TERM at once: systemd's
+            # KillMode=control-group); alone (a HUP), we stop after 1 s.
+            try:
+                gevent.socket.wait_read(self.master_listening, 1.0)
+            except _SOCKET_TIMEOUT:
+                pass
+        # The last copy to close takes what the kernel accepted for us, and
+        # closes (StreamServer.stop) with no switch in between: closing
+        # resets what waits in the backlog, where a web server may already
+        # have sent a request (nginx does not retry a POST it sent).  Later
+        # connections are refused at once: the web server tries another.
+        for server in [self] + self.extra_listeners:
+            while not server.closed:
+                accepted = server.do_read()
+                if not accepted:
+                    break
+                server.do_handle(*accepted)
         try:
+
             StreamServer.stop(self, timeout)
         finally:
             self._remove_unix_sockets()
@@ -3082,10 +3154,12 @@ class FastCGIServer(StreamServer):
                     pass
             self.unix_paths = []
 
-    def shutdown(self, at_once: bool = False) -> None:
+    def shutdown(self, at_once: bool = False, escalate: bool = True) -> None:
         """Make serve_forever() stop: gracefully, or ``at_once`` (also on
-        a second call) without waiting for requests in flight."""
-        if at_once or self._stop_requested.is_set():
+        a second call, if ``escalate``) without waiting for requests in
+        flight."""
+        if at_once or (escalate and self._stop_requested.is_set()):
+
             self.stop_timeout = 0
             if self.stopping:       # already draining: cut it short
                 for connection in list(self.connections):

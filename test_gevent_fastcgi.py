@@ -1587,6 +1587,28 @@ class TestRequests:
             client.request(rid=rid, environ={'QUERY_STRING': user})
             assert client.response(rid).body == b'None'
 
+    def test_ping_path_answers_without_the_application(self, serve):
+        calls = []
+
+        def app(environ, start_response):
+            calls.append(environ['PATH_INFO'])
+            return hello_app(environ, start_response)
+        server = serve(app, ping_path='/ping', script_name='/app')
+        client = Client(server.address)
+        # nginx sends the path as SCRIPT_NAME, HAProxy as PATH_INFO
+        for rid, environ in enumerate([{'SCRIPT_NAME': '/ping',
+                                        'PATH_INFO': ''},
+                                       {'PATH_INFO': '/ping'},
+                                       {'PATH_INFO': '/app/ping'}], 1):
+            client.request(rid=rid, environ=environ)
+            response = client.response(rid)
+            assert response.status == 200
+        assert response.body == b'Hello, World'
+        assert calls == ['/ping']       # /app/ping is the application's
+        client.request(rid=9, environ={'PATH_INFO': '/ping'})
+        assert client.response(9).body == b'pong\n'
+        assert calls == ['/ping']
+
     def test_greenlets_are_still_reused(self, serve):
         seen = set()
 
@@ -3771,7 +3793,84 @@ class TestWhenThingsGoWrong:
             'server.pid', 'server.pid.%d.tmp' % os.getpid(), 'victim']
 
 
+def post_outcome(address, timeout=10):
+    """POST once on a new connection, with stdlib sockets, as a web server
+    would: 'answered' (whole, END_REQUEST included), 'refused' (at connect:
+    the web server may try another server), or what went wrong after the
+    request was sent ('reset', 'closed', 'timeout'): a lost POST."""
+    try:
+        sock = socket.create_connection(address, timeout=timeout)
+    except ConnectionRefusedError:
+        return 'refused'
+    parser = RecordParser()
+    try:
+        sock.sendall(encode_begin_request(1, FCGI_RESPONDER, False)
+                     + encode_records(FCGI_PARAMS, 1, encode_pairs({
+                         'REQUEST_METHOD': 'POST', 'PATH_INFO': '/echo',
+                         'CONTENT_LENGTH': '4'}))
+                     + encode_records(FCGI_PARAMS, 1)
+                     + encode_records(FCGI_STDIN, 1, b'post')
+                     + encode_records(FCGI_STDIN, 1))
+        while True:
+            data = sock.recv(65536)
+            if any(record[0] == FCGI_END_REQUEST
+                   for record in parser.feed(data)):
+                return 'answered'
+            if not data:
+                return 'closed'
+    except ConnectionResetError:
+        return 'reset'
+    except socket.timeout:
+        return 'timeout'
+    finally:
+        sock.close()
+
+
 class TestProcessModel:
+    def test_graceful_stop_answers_or_refuses_each_new_connection(
+            self, tmp_path):
+        # A web server goes on connecting to a stopping server (it is still
+        # in its list) while requests in flight finish.  Each connection
+        # must be refused at once, or served: never accepted by the kernel
+        # and reset later, which loses a request already sent (nginx does
+        # not retry a POST it sent).
+        master = Master('--workers', '2', '--log-level', 'warning')
+        started = tmp_path / 'started'
+        slow = threading.Thread(target=raw_get, args=(
+            master.address, '/sleep?1.5,%s' % started), daemon=True)
+        slow.start()
+        assert wait_for(started.exists)
+        master.signal(signal.SIGTERM)
+        outcomes = []
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            outcomes.append(post_outcome(master.address))
+            time.sleep(0.02)
+        slow.join(10)
+        assert master.proc.wait(10) == 0
+        assert set(outcomes) <= {'answered', 'refused'}, outcomes
+        assert 'refused' in outcomes
+
+    def test_a_worker_signalled_with_its_master_stops_gracefully(
+            self, tmp_path):
+        # Ctrl-C, and systemd's KillMode=control-group, signal every
+        # process of the server; the master forwards the signal too.  The
+        # worker's second TERM must not cut its requests short.
+        master = Master('--workers', '1', '--log-level', 'warning')
+        assert master.wait_workers(1)
+        started = tmp_path / 'started'
+        result = []
+        slow = threading.Thread(target=lambda: result.append(raw_get(
+            master.address, '/sleep?1.0,%s' % started)), daemon=True)
+        slow.start()
+        assert wait_for(started.exists)
+        worker, = master.workers()
+        os.kill(worker, signal.SIGTERM)
+        master.signal(signal.SIGTERM)
+        slow.join(10)
+        assert master.proc.wait(10) == 0
+        assert result and result[0].body == b'slept'
+
     def test_killed_worker_is_replaced_within_a_second(self, tmp_path):
         # a light application, so that what is measured is the master's
         # reaction and a worker's start, not the import of a heavy app
@@ -3963,6 +4062,337 @@ class TestProcessModel:
                                num_workers='auto')
         server.close()
         assert server.num_workers == len(os.sched_getaffinity(0))
+
+
+# More than one machine: test hosts in network namespaces of their own.
+
+TEST_RANGE = '198.18.0.0/15'    # RFC 2544's benchmarking range: no real host
+
+
+def group_alive(pgid):
+    """Is a process of group ``pgid`` alive (not a zombie)?"""
+    for pid in os.listdir('/proc'):
+        try:
+            with open('/proc/%s/stat' % pid) as f:
+                fields = f.read().rpartition(')')[2].split()
+        except (OSError, ValueError):
+            continue
+        if fields and fields[0] != 'Z' and int(fields[2]) == pgid:
+            return True
+    return False
+
+
+def ip(*args, netns=None):
+    subprocess.run((['ip', 'netns', 'exec', netns] if netns else [])
+                   + ['ip'] + list(args), check=True, capture_output=True)
+
+
+class NetnsHosts:
+    """Hosts in network namespaces, each linked to this one by a veth pair:
+    host i is 198.18.i.2 and sees the web server here as 198.18.i.1
+    (198.18.i.3 is here too: a peer that is not the web server).  The whole
+    range is unreachable from here but through those links for as long as
+    any process that used it lives, so no packet follows the default
+    route; a partition is a blackhole route on the host's side."""
+
+    def __init__(self, count, tmp_path, *server_args):
+        require('ip')
+        if os.geteuid() != 0:
+            missing('root (network namespaces)')
+        self.tag = os.getpid() % 100000
+        self.tmp_path = tmp_path
+        self.server_args = server_args
+        self.procs = {}
+        self.namespaces = []
+        ip('route', 'add', 'unreachable', TEST_RANGE, 'metric', '4000')
+        try:
+            for i in range(1, count + 1):
+                netns = 'gfcgi%d-%d' % (self.tag, i)
+                here, there = 'gf%dr%d' % (self.tag, i), 'gf%dh%d' % (
+                    self.tag, i)
+                ip('netns', 'add', netns)
+                self.namespaces.append(netns)
+                ip('link', 'add', here, 'type', 'veth', 'peer', 'name',
+                   there, 'netns', netns)
+                ip('addr', 'add', '198.18.%d.1/29' % i, 'dev', here)
+                ip('addr', 'add', '198.18.%d.3/29' % i, 'dev', here)
+                ip('link', 'set', here, 'up')
+                ip('addr', 'add', '198.18.%d.2/29' % i, 'dev', there,
+                   netns=netns)
+                ip('link', 'set', there, 'up', netns=netns)
+                ip('link', 'set', 'lo', 'up', netns=netns)
+                self.start(i)
+        except BaseException:
+            self.remove()
+            raise
+
+    def address(self, i):
+        return ('198.18.%d.2' % i, 9000)
+
+    def start(self, i):
+        """The server as users run it, FCGI_WEB_SERVER_ADDRS naming the
+        web server's address."""
+        log = open(self.tmp_path / ('host%d.log' % i), 'ab')
+        proc = subprocess.Popen(
+            ['ip', 'netns', 'exec', self.namespaces[i - 1], sys.executable,
+             '-m', 'gevent_fastcgi', '--bind', '198.18.%d.2:9000' % i,
+             '--workers', '2', '--log-level', 'warning']
+            + list(self.server_args) + ['test_gevent_fastcgi:e2e_app'],
+            cwd=HERE, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True, env=dict(
+                os.environ, PYTHONPATH=HERE,
+                FCGI_WEB_SERVER_ADDRS='198.18.%d.1' % i))
+        log.close()
+        STARTED.append(proc)
+        self.procs[i] = proc
+        wait_for_port(9000, proc=proc, host='198.18.%d.2' % i)
+
+    def send(self, i, sig):
+        """``sig`` to the host's master and workers."""
+        os.killpg(self.procs[i].pid, sig)
+
+    def stop(self, i, sig=signal.SIGTERM):
+        self.send(i, sig)
+        self.procs[i].wait(30)
+
+    def partition(self, i, on=True):
+        ip('route', 'add' if on else 'del', 'blackhole', '198.18.%d.1/32' % i,
+           netns=self.namespaces[i - 1])
+
+    def log(self, i):
+        return (self.tmp_path / ('host%d.log' % i)).read_text(
+            errors='replace')
+
+    def remove(self):
+        """Every process of every host ends, then the namespaces and routes
+        go."""
+        for proc in self.procs.values():
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)     # stopped ones too
+            except ProcessLookupError:
+                pass
+            proc.wait(10)
+            assert wait_for(lambda: not group_alive(proc.pid), 10)
+        for netns in self.namespaces:
+            ip('netns', 'del', netns)       # and its end of each veth pair
+        ip('route', 'del', 'unreachable', TEST_RANGE, 'metric', '4000')
+
+
+class Traffic:
+    """Clients looping GET / and POST /echo through the front for as long
+    as it runs; each result is (method, started, seconds, True or what
+    went wrong)."""
+
+    def __init__(self, port, gets=4, posts=2):
+        self.port = port
+        self.results = []
+        self.running = True
+        self.threads = [threading.Thread(target=self.loop, args=(method,),
+                                         daemon=True)
+                        for method in ['GET'] * gets + ['POST'] * posts]
+        for thread in self.threads:
+            thread.start()
+
+    def loop(self, method):
+        while self.running:
+            body = os.urandom(8).hex().encode() if method == 'POST' else None
+            started = time.monotonic()
+            conn = http.client.HTTPConnection('127.0.0.1', self.port,
+                                              timeout=30)
+            try:
+                conn.request(method, '/echo' if body else '/', body=body)
+                response = conn.getresponse()
+                ok = response.status == 200 and response.read() == (
+                    body or b'Hello, World') or response.status
+            except (OSError, http.client.HTTPException) as exc:
+                ok = repr(exc)
+            finally:
+                conn.close()
+            self.results.append((method, started,
+                                 time.monotonic() - started, ok))
+            time.sleep(0.01)
+
+    def finish(self):
+        self.running = False
+        for thread in self.threads:
+            thread.join(60)
+
+    def during(self, start, end):
+        """Failed GETs, failed POSTs, requests, slowest (s) among those that
+        began between ``start`` and ``end``."""
+        results = [r for r in self.results if start <= r[1] < end]
+        return {'GET failed': sum(1 for r in results
+                                  if r[0] == 'GET' and r[3] is not True),
+                'POST failed': sum(1 for r in results
+                                   if r[0] == 'POST' and r[3] is not True),
+                'failures': sorted(set(str(r[3]) for r in results
+                                       if r[3] is not True)),
+                'requests': len(results),
+                'slowest': round(max([r[2] for r in results], default=0), 1)}
+
+
+def run_faults(hosts, fronts):
+    """Each fault of a host in turn, under steady traffic through each
+    front at once ({name: (port, its error log, or None)}), the host back
+    before the next: {front: {fault: what its clients saw meanwhile, and
+    the resets it logged}}."""
+    traffic = {name: Traffic(port) for name, (port, _) in fronts.items()}
+    seen = {name: {} for name in fronts}
+
+    def logs():
+        return {name: log() if log else '' for name, (_, log) in
+                fronts.items()}
+
+    def fault(name, begin, end, seconds):
+        started = time.monotonic()
+        logged = {front: len(text) for front, text in logs().items()}
+        begin()
+        time.sleep(seconds)
+        end()
+        # the host is back, and the front's marks of it (fail_timeout) have
+        # expired: each fault is measured on its own
+        time.sleep(2.5)
+        for front, text in logs().items():
+            seen[front][name] = traffic[front].during(started,
+                                                      time.monotonic())
+            seen[front][name]['resets'] = text[logged[front]:].count(
+                'reset by peer')
+    try:
+        time.sleep(1.0)
+        fault('killed, then started', lambda: hosts.stop(1, signal.SIGKILL),
+              lambda: hosts.start(1), 1.0)
+        fault('graceful stop, then started', lambda: hosts.stop(2),
+              lambda: hosts.start(2), 0.2)
+        fault('frozen (SIGSTOP), then SIGCONT',
+              lambda: hosts.send(3, signal.SIGSTOP),
+              lambda: hosts.send(3, signal.SIGCONT), 3.0)
+        fault('partitioned, then joined', lambda: hosts.partition(1),
+              lambda: hosts.partition(1, False), 3.0)
+    finally:
+        for clients in traffic.values():
+            clients.finish()
+    return seen
+
+
+NGINX_HOSTS_CONF = """
+daemon off;
+master_process on;
+worker_processes 1;
+{user}
+pid {dir}/nginx.pid;
+error_log {dir}/error.log info;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+""" + NGINX_TEMP_PATHS + """\
+    # README.rst, "More than one machine"
+    upstream app {{
+        server 198.18.1.2:9000 max_fails=1 fail_timeout=2s;
+        server 198.18.2.2:9000 max_fails=1 fail_timeout=2s;
+        server 198.18.3.2:9000 max_fails=1 fail_timeout=2s;
+        keepalive 16;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            fastcgi_pass app;
+            fastcgi_keep_conn on;
+            fastcgi_connect_timeout 1s;
+            fastcgi_read_timeout 3s;
+            fastcgi_next_upstream error timeout;
+{params}
+        }}
+    }}
+}}
+"""
+
+HAPROXY_HOSTS_CONF = """
+global
+    pidfile {dir}/haproxy.pid
+# README.rst, "More than one machine"
+defaults
+    mode http
+    timeout connect 1s
+    timeout client 30s
+    timeout server 3s
+    retries 2
+    option redispatch 1
+    retry-on conn-failure empty-response response-timeout
+fcgi-app app
+    docroot /
+    path-info ^()(/.*)$
+    option keep-conn
+frontend fe
+    bind 127.0.0.1:{port}
+    default_backend app
+backend app
+    use-fcgi-app app
+    option httpchk GET /ping
+    default-server proto fcgi check inter 500ms fall 2 rise 2
+    server h1 198.18.1.2:9000
+    server h2 198.18.2.2:9000
+    server h3 198.18.3.2:9000
+"""
+
+
+class TestSeveralHosts:
+    """Three hosts behind nginx and HAProxy at once, each front configured
+    as README.rst says: each fault of a host costs no GET and at most a
+    few seconds; a graceful stop, no POST and no reset."""
+
+    def test_faults_behind_nginx_and_haproxy(self, tmp_path):
+        hosts = NetnsHosts(3, tmp_path, '--ping-path', '/ping')
+        fronts = []
+        try:
+            nginx = WebServer('nginx')
+            fronts.append(nginx)
+            conf = nginx.write('nginx.conf', NGINX_HOSTS_CONF.format(
+                dir=nginx.dir, port=nginx.port, params=NGINX_PARAMS,
+                user='user nobody nogroup;'))
+            nginx.launch([require('nginx'), '-p', nginx.dir, '-c', conf])
+            haproxy = WebServer('haproxy')
+            fronts.append(haproxy)
+            conf = haproxy.write('haproxy.cfg', HAPROXY_HOSTS_CONF.format(
+                dir=haproxy.dir, port=haproxy.port))
+            haproxy.launch([require('haproxy'), '-f', conf, '-db'])
+            seen = run_faults(hosts, {
+                'nginx': (nginx.port, nginx.error_log),
+                'haproxy': (haproxy.port, None)})
+        finally:
+            for front in fronts:
+                if front.proc is not None:
+                    stop_process(front.proc, signal.SIGQUIT)
+            hosts.remove()
+        print(json.dumps(seen, indent=1))       # README.rst's table
+        for front, faults in seen.items():
+            for fault, outcome in faults.items():
+                assert outcome['requests'] > 20, (front, fault, outcome)
+                assert outcome['GET failed'] == 0, (front, fault, outcome)
+                assert outcome['slowest'] <= 5.0, (front, fault, outcome)
+            graceful = faults['graceful stop, then started']
+            assert graceful['POST failed'] == graceful['resets'] == 0, (
+                front, graceful)
+        for i in (1, 2, 3):
+            assert 'Traceback' not in hosts.log(i), hosts.log(i)
+
+    def test_a_peer_that_is_not_the_web_server_is_refused(self, tmp_path):
+        hosts = NetnsHosts(1, tmp_path)
+        try:
+            intruder = socket.create_connection(
+                hosts.address(1), timeout=5, source_address=('198.18.1.3', 0))
+            assert intruder.recv(100) == b''        # closed at once
+            intruder.close()
+            front = socket.create_connection(
+                hosts.address(1), timeout=5, source_address=('198.18.1.1', 0))
+            front.sendall(encode_begin_request(1, FCGI_RESPONDER, False)
+                          + encode_records(FCGI_PARAMS, 1)
+                          + encode_records(FCGI_STDIN, 1))
+            assert b'Hello, World' in front.recv(65536)
+            front.close()
+            assert wait_for(lambda: 'not in FCGI_WEB_SERVER_ADDRS'
+                            in hosts.log(1))
+        finally:
+            hosts.remove()
 
 
 # ---------------------------------------------------------------------------

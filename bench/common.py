@@ -44,17 +44,17 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def wait_for_port(port, proc=None, timeout=30):
+def wait_for_port(port, proc=None, timeout=30, host='127.0.0.1'):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError('exited with status %s' % proc.returncode)
         try:
-            socket.create_connection(('127.0.0.1', port), 0.2).close()
+            socket.create_connection((host, port), 0.2).close()
             return
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError('nothing listens on port %d' % port)
+    raise RuntimeError('nothing listens on %s:%d' % (host, port))
 
 
 def children(pid):
