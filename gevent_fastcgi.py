@@ -3588,40 +3588,17 @@ def main(argv=None) -> int:
 # 16. Django management command -----------------------------------------------
 #
 # INSTALLED_APPS names 'gevent_fastcgi.DjangoAppConfig', made when Django asks
-# (module __getattr__); its ready() installs the command.  Django lists
-# <app folder>/management/commands with pkgutil.iter_modules and imports
-# '<app>.management.commands.<name>': a path hook, last so that it sees only
-# what no real finder claims, answers for that one folder, and sys.modules
-# holds the modules Django then imports.
+# (module __getattr__).  Django finds commands as files: its ready() puts the
+# command's module in sys.modules instead, and enters it in the cache of
+# django.core.management.get_commands(), which Django reads after setup().
 
 DJANGO_COMMAND = 'run_gevent_fastcgi'
-
-
-class _DjangoCommandsFinder:
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def iter_modules(self, prefix: str = ''):
-        yield prefix + DJANGO_COMMAND, False
-
-    def find_spec(self, fullname, target=None):
-        return None
-
-
-def _django_commands_path() -> str:
-    folder = os.path.dirname(os.path.abspath(__file__))
-    return os.path.join(folder, 'management', 'commands')
-
-
-def _django_path_hook(path: str):
-    if path == _django_commands_path():
-        return _DjangoCommandsFinder(path)
-    raise ImportError('not the gevent_fastcgi commands path')
 
 
 def install_django_command() -> None:
     """Let Django find 'manage.py run_gevent_fastcgi'; idempotent."""
     import types
+    from django.core.management import get_commands
     command = types.ModuleType('%s.management.commands.%s'
                                % (__name__, DJANGO_COMMAND))
 
@@ -3635,9 +3612,7 @@ def install_django_command() -> None:
         sys.modules.setdefault('%s.%s' % (__name__, name),
                                types.ModuleType('%s.%s' % (__name__, name)))
     sys.modules.setdefault(command.__name__, command)
-    if _django_path_hook not in sys.path_hooks:
-        sys.path_hooks.append(_django_path_hook)
-    sys.path_importer_cache.pop(_django_commands_path(), None)
+    get_commands()[DJANGO_COMMAND] = __name__
 
 
 def _django_command_class():
