@@ -37,6 +37,7 @@ specification is the authority; section numbers quoted in comments are its.
 import collections
 import contextvars
 import errno
+import faulthandler
 import logging
 import os
 import random
@@ -1017,7 +1018,7 @@ class Request:
     __slots__ = ('connection', 'server', 'id', 'role', 'keep_conn', 'environ',
                  '_stdin', 'data', 'stdout', '_stderr', 'greenlet', 'ended',
                  'status_code', 'body_size', 'params_done', '_params',
-                 'response_cut', '__weakref__')
+                 'response_cut', 'started', '__weakref__')
 
     def __init__(self, connection, request_id: int, role: int,
                  keep_conn: bool) -> None:
@@ -1040,6 +1041,7 @@ class Request:
         self.body_size = None           # body bytes, for the access log
         self.ended = False              # END_REQUEST sent, or connection lost
         self.response_cut = False       # failed after output was sent
+        self.started = None             # time.time() when its handler began
         self.params_done = False
         self._params = b''              # PARAMS so far, one buffer
 
@@ -1235,7 +1237,8 @@ def run_request(request: Request) -> None:
     """The request's greenlet: run the handler, end with what it wrote."""
     app_status = 0
     server = request.server
-    started = time.time() if server.access_log else None
+    request.started = started = time.time()
+    log = server.access_log
     timeout = (RequestTimeout(server.request_timeout)
                if server.request_timeout else None)
     try:
@@ -1245,12 +1248,13 @@ def run_request(request: Request) -> None:
         if type(result) is int:
             app_status = result
     except (RequestAborted, ConnectionClosed):
-        started = None  # ended by whoever stopped it: nothing to log
+        log = False     # ended by whoever stopped it: nothing to log
     except BaseException as exc:
         app_status = 1
-        if exc is timeout:
+        if exc is timeout:      # with the stack it was waiting in
             logger.error('%s: %r cancelled after request_timeout (%gs)',
-                         request.connection, request, server.request_timeout)
+                         request.connection, request, server.request_timeout,
+                         exc_info=True)
             request.answer_error(TIMEOUT_STATUS, TIMEOUT_BODY)
         else:   # any BaseException: one request's failure, not the server's
             logger.exception('%s: request handler failed on %r',
@@ -1272,8 +1276,7 @@ def run_request(request: Request) -> None:
         except ConnectionClosed:
             pass
     request.greenlet = None     # the greenlet serves the next request
-
-    if started is not None:
+    if log:
         log_access(request, started)
 
 
@@ -2207,6 +2210,10 @@ SERVER_OPTIONS = [
     Option('request_timeout', '--request-timeout', _optional(_to_seconds),
            None, 'seconds a request may run; then it is cancelled and '
            'answered 504 (default: no limit)'),
+    Option('slow_request', '--slow-request', _optional(_to_seconds), None,
+           'log each request running longer than this many seconds, once, '
+           'with the stack it is waiting in (PHP-FPM\'s slowlog; default: '
+           'off)'),
     Option('worker_timeout', '--timeout', _optional(_to_seconds), None,
            'seconds a worker\'s event loop may stay blocked (CPU-bound '
            'code) before the master kills and replaces it (default: no '
@@ -2562,6 +2569,15 @@ def tune_malloc(keep_free: int = 4 * DEFAULT_SPOOL_SIZE) -> None:
         pass
 
 
+def error_stream():
+    """Where the server's own log goes: the root logger's first file, or
+    stderr."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and handler.stream:
+            return handler.stream
+    return sys.stderr
+
+
 def reopen_log_files() -> None:
     """SIGUSR1 (logrotate's, as for nginx and gunicorn): reopen log files."""
     named = logging.Logger.manager.loggerDict.values()
@@ -2748,7 +2764,8 @@ class WorkerGroup:
                 self.boot_delay = 0
             if timeout and beat and now - beat > timeout:
                 logger.error('worker %d: event loop blocked for more than %gs '
-                             '(worker_timeout): killed', worker.pid, timeout)
+                             '(worker_timeout): killed; it wrote the stack of '
+                             'the code blocking it above', worker.pid, timeout)
                 self.kill(worker.pid, signal.SIGKILL)
 
     @staticmethod
@@ -2968,6 +2985,7 @@ def run_worker(server, heartbeat, master: int) -> int:
     handle_signals(server, ' (the master reloads)', worker=True)
     server.serve_until_shutdown()
     beat.close()
+    faulthandler.cancel_dump_traceback_later()
     return 0
 
 
@@ -2975,19 +2993,24 @@ def _heartbeat(server, fd: int, master: int):
     """Touch ``fd`` now and then from the event loop (a timer, no greenlet);
     stop the worker once its master is gone (killed, or out of memory): a
     worker left behind would serve old code, and keep a new server from
-    its address."""
+    its address.  With worker_timeout, a watchdog thread (faulthandler's,
+    in C) writes the stack of the code that blocks the loop to the log
+    just before the master kills the worker for it."""
+    timeout = server.worker_timeout
+    interval = min(1.0, timeout / 4.0) if timeout else 1.0
 
     def beat():
         if os.getppid() == master:
             os.utime(fd)
+            if timeout:
+                faulthandler.dump_traceback_later(timeout - interval,
+                                                  file=error_stream())
             return
         logger.error('worker %d: master %d is gone: stopping', os.getpid(),
                      master)
         timer.stop()
         server.shutdown()
-    os.utime(fd)
-    timeout = server.worker_timeout
-    interval = min(1.0, timeout / 4.0) if timeout else 1.0
+    beat()
     timer = gevent.get_hub().loop.timer(interval, interval)
     timer.start(beat)
     return timer
@@ -3081,6 +3104,32 @@ class FastCGIServer(StreamServer):
         StreamServer.start(self)
         for extra in self.extra_listeners:
             extra.start()
+        if self.slow_request:
+            every = min(1.0, self.slow_request / 2)
+            self._slow_timer = gevent.get_hub().loop.timer(every, every)
+            self._slow_timer.start(self.log_slow_requests)
+
+    _slow_timer = None
+    slow_requests = 0       # requests the slow log wrote
+
+    def log_slow_requests(self) -> None:
+        """The slow log (PHP-FPM's request_slowlog_timeout): a request that
+        runs past slow_request is logged once, with the stack its greenlet
+        is waiting in."""
+        now = time.time()
+        for connection in list(self.connections):
+            for request in list(connection.requests.values()):
+                started = request.started
+                if (started is not None and now - started > self.slow_request
+                        and request.greenlet is not None):
+                    request.started = None      # logged
+                    self.slow_requests += 1
+                    logger.warning(
+                        'slow request: worker %d, %r running for %.1fs, '
+                        'waiting in:\n%s', os.getpid(), request, now - started,
+                        ''.join(traceback.format_stack(
+                            request.greenlet.gr_frame)).rstrip())
+
 
     def close(self) -> None:
         for extra in getattr(self, 'extra_listeners', ()):
@@ -3116,7 +3165,10 @@ class FastCGIServer(StreamServer):
         stop_timeout) is cancelled."""
         self.stopping = True
         self._stop_requested.set()
+        if self._slow_timer is not None:
+            self._slow_timer.close()
         for connection in list(self.connections):
+
             connection.close_when_idle(self.drain_idle_time)
         if self.master_listening is not None:
             # A worker: the master's copies of the listeners close first
@@ -3386,6 +3438,21 @@ def demo_app(environ, start_response):
 LOG_FORMAT = '%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s'
 
 
+def configure_logging(level: str, error_log: Optional[str] = None) -> None:
+    """The server's own log: ``error_log`` (a file SIGUSR1 reopens) or
+    stderr, unless the process's logging has a handler already (Django's
+    LOGGING, say): then only ours is added, when asked for."""
+    root = logging.getLogger()
+    logger.setLevel(getattr(logging, level.upper()))
+    if error_log or not root.handlers:
+        if not root.handlers:
+            root.setLevel(logger.level)
+        handler = (logging.FileHandler(error_log) if error_log
+                   else logging.StreamHandler())
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        root.addHandler(handler)
+
+
 def _checked(convert):
     """A converter raising ValueError -> an argparse type."""
     import argparse
@@ -3423,6 +3490,9 @@ def add_server_arguments(parser, django: bool = False) -> None:
     parser.add_argument('--log-level', default='info',
                         choices=['debug', 'info', 'warning', 'error'],
                         help='logging level (default info)')
+    parser.add_argument('--error-log', metavar='FILE',
+                        help="the server's own log (default: stderr); "
+                             'SIGUSR1 reopens it')
 
 
 def server_options(opts) -> Dict:
@@ -3545,8 +3615,10 @@ def main(argv=None) -> int:
         return client_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format=LOG_FORMAT)
+    try:
+        configure_logging(args.log_level, args.error_log)
+    except OSError as exc:
+        parser.error('--error-log: %s' % exc)
     if args.monkey_patch:
         try:
             monkey_patch(name.strip() for name in args.monkey_patch.split(',')
@@ -3632,9 +3704,8 @@ def _django_command_class():
         def handle(self, *args, **opts):
             from django.core.servers.basehttp import \
                 get_internal_wsgi_application
-            if not logging.getLogger().handlers:
-                logging.basicConfig(format=LOG_FORMAT)
-            logger.setLevel(getattr(logging, opts['log_level'].upper()))
+            configure_logging(opts['log_level'], opts['error_log'])
+
             status = run_server(get_internal_wsgi_application(),
                                 opts['address'] or [('127.0.0.1', 9000)],
                                 opts['handler'], opts['debug'],

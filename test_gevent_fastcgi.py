@@ -14,6 +14,7 @@ import ast
 import hashlib
 import http.client
 import importlib
+import inspect
 import io
 import json
 import logging
@@ -383,6 +384,16 @@ def e2e_app(environ, start_response):
         return [b'slept']
     start_response('200 OK', [('Content-Type', 'text/plain')])
     return [b'Hello, World']
+
+
+def source_line(function, text):
+    """The line number of the line of ``function`` that holds ``text``."""
+    lines, first = inspect.getsourcelines(function)
+    return first + next(n for n, line in enumerate(lines) if text in line)
+
+
+E2E_BLOCKING_LINE = source_line(e2e_app, "time.sleep(float(environ['QUERY")
+E2E_SLEEPING_LINE = source_line(e2e_app, 'gevent.sleep(float(seconds')
 
 
 def big_body(size):
@@ -3737,6 +3748,29 @@ class TestWhenThingsGoWrong:
         finally:
             assert master.stop() == 0
 
+    def test_usr1_reopens_the_error_log(self, tmp_path):
+        log = tmp_path / 'error.log'
+        master = Master('--workers', '1', '--error-log', str(log))
+        try:
+            assert raw_get(master.address, '/fail').status == 500
+            assert wait_for(lambda: 'application failed' in log.read_text())
+            os.rename(log, tmp_path / 'error.log.1')        # logrotate
+            master.signal(signal.SIGUSR1)
+            # the master's next lines, and then the worker's, go to the
+            # new file (the worker reopens when the master tells it)
+            assert wait_for(log.exists)
+            failures = 1
+            while 'application failed' not in log.read_text():
+                assert raw_get(master.address, '/fail').status == 500
+                failures += 1
+                assert failures < 100
+        finally:
+            assert master.stop() == 0
+        assert master.log == ''         # all of it went to the files
+        both = log.read_text() + (tmp_path / 'error.log.1').read_text()
+        assert both.count('application failed') == failures
+        assert 'master %d: stopped' % master.proc.pid in log.read_text()
+
     @pytest.mark.parametrize('second', ['SIGQUIT', 'SIGINT', 'SIGTERM'])
     @pytest.mark.parametrize('workers', [[], ['--workers', '1']],
                              ids=['single process', 'master'])
@@ -4042,6 +4076,22 @@ class TestProcessModel:
         finally:
             assert master.stop() == 0
         assert 'event loop blocked' in master.log
+        # and the worker wrote where: the line of e2e_app that blocks
+        assert 'line %d in e2e_app' % E2E_BLOCKING_LINE in master.log, (
+            master.log)
+
+    def test_slow_requests_are_logged_with_their_stack(self):
+        master = Master('--workers', '2', '--slow-request', '0.3')
+        nginx = Nginx('127.0.0.1:%d' % master.port)
+        try:
+            assert nginx.request('GET', '/sleep?1.0')[2] == b'slept'
+            assert nginx.request('GET', '/sleep?0.01')[2] == b'slept'
+        finally:
+            nginx.stop()
+            assert master.stop() == 0
+        assert master.log.count('slow request') == 1, master.log
+        assert 'GET /sleep' in master.log
+        assert 'line %d, in e2e_app' % E2E_SLEEPING_LINE in master.log
 
     def test_request_timeout_answers_504(self, serve, caplog):
         def app(environ, start_response):
@@ -4055,6 +4105,8 @@ class TestProcessModel:
         assert time.monotonic() - t0 < 2
         assert any('request_timeout' in r.getMessage()
                    for r in caplog.records)
+        # logged with the stack the request was waiting in
+        assert "gevent.sleep(float(environ['QUERY_STRING']))" in caplog.text
         assert fetch(server, {'QUERY_STRING': '0.01'}).body == b'in time'
 
     def test_workers_auto_uses_the_cpus_we_may_run_on(self):
