@@ -34,10 +34,12 @@ specification is the authority; section numbers quoted in comments are its.
 
 # 1. Imports, version, logger -------------------------------------------------
 
+import bisect
 import collections
 import contextvars
 import errno
 import faulthandler
+import itertools
 import logging
 import os
 import random
@@ -678,14 +680,7 @@ class InputStream:
             self._wait(self.received + 1)
 
     def readlines(self, hint: int = -1) -> List[bytes]:
-        lines = []
-        total = 0
-        for line in self:
-            lines.append(line)
-            total += len(line)
-            if 0 < (hint or 0) <= total:
-                break
-        return lines
+        return list(self)       # the hint may be ignored (PEP 3333)
 
     def __iter__(self):
         return iter(self.readline, b'')
@@ -851,6 +846,28 @@ def _log_escape(text: str) -> str:
                                                        & 0xFF), text)
 
 
+_LOG_TIME = [-1, '']     # a second, and its time string, made once
+
+
+class AccessLogFile(logging.FileHandler):
+    """The access log's file, written a block at a time: flush() four times
+    a second, on stop, and before SIGUSR1 reopens it.  (A line through
+    logging's machinery cost as much as the request it logs.)"""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.lines = []
+
+    def emit(self, record) -> None:
+        self.lines.append(self.format(record) + '\n')
+
+    def flush(self) -> None:
+        if self.lines and self.stream is not None:
+            lines, self.lines = self.lines, []
+            self.stream.write(''.join(lines))
+        super().flush()
+
+
 def log_access(request: 'Request', started: float) -> None:
     """One line per request in the combined log format, followed by the
     duration in microseconds (Apache's %D)."""
@@ -863,35 +880,40 @@ def log_access(request: 'Request', started: float) -> None:
     size = request.body_size
     if size is None:
         size = request.stdout.bytes_written
-    access_logger.info(
-        '%s - %s [%s] "%s %s %s" %s %s "%s" "%s" %d',
+    if int(started) != _LOG_TIME[0]:
+        _LOG_TIME[:] = int(started), time.strftime('%d/%b/%Y:%H:%M:%S %z',
+                                                   time.localtime(started))
+    line = '%s - %s [%s] "%s %s %s" %s %s "%s" "%s" %d' % (
         _log_escape(environ.get('REMOTE_ADDR', '-')),
-        _log_escape(environ.get('REMOTE_USER') or '-'),
-        time.strftime('%d/%b/%Y:%H:%M:%S %z', time.localtime(started)),
+        _log_escape(environ.get('REMOTE_USER') or '-'), _LOG_TIME[1],
         _log_escape(environ.get('REQUEST_METHOD', '-')), _log_escape(uri),
         _log_escape(environ.get('SERVER_PROTOCOL', '-')),
         request.status_code or '-', size or '-',
         _log_escape(environ.get('HTTP_REFERER', '-')),
         _log_escape(environ.get('HTTP_USER_AGENT', '-')),
         int((time.time() - started) * 1e6))
+    target = request.server.access_log
+    if target is True:
+        access_logger.info('%s', line)
+    else:
+        target.lines.append(line + '\n')
 
 
-def configure_access_log(target) -> bool:
+def configure_access_log(target):
     """access_log: None/False: off; True: to the 'gevent_fastcgi.access'
-    logger, for the application's logging; '-': stdout; a str: that file."""
+    logger, for the application's logging; '-': stdout; a str: that file
+    (returned: its AccessLogFile)."""
     if not target:
         return False
     if target is True:
         return True
-    if target == '-':
-        handler = logging.StreamHandler(sys.stdout)
-    else:
-        handler = logging.FileHandler(target)
+    handler = (logging.StreamHandler(sys.stdout) if target == '-'
+               else AccessLogFile(target))
     handler.setFormatter(logging.Formatter('%(message)s'))
     access_logger.addHandler(handler)
     access_logger.setLevel(logging.INFO)
     access_logger.propagate = False
-    return True
+    return True if target == '-' else handler
 
 
 def request_path(environ: Dict[str, str]) -> str:
@@ -917,6 +939,316 @@ def mount(environ: Dict[str, str], script_name: str) -> None:
         logger.debug('path %r is outside script_name %r', path, script_name)
         environ['SCRIPT_NAME'] = ''
         environ['PATH_INFO'] = path
+
+
+#: request durations the status page counts (seconds; Prometheus' default
+#: buckets), and what each worker counts in its slot of the scoreboard
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0)
+SLOT_FIELDS = ('pid', 'generation', 'started', 'busy', 'open', 'accepted',
+               'served', '1xx', '2xx', '3xx', '4xx', '5xx', 'aborted',
+               'timed_out', 'refused', 'slow', 'bytes_in', 'bytes_out',
+               'duration_us') + tuple('bucket_%d' % n for n in range(
+                   len(DURATION_BUCKETS) + 1))
+(_PID, _GENERATION, _STARTED, _BUSY, _OPEN, _ACCEPTED, _SERVED, _1XX, _2XX,
+ _3XX, _4XX, _5XX, _ABORTED, _TIMED_OUT, _REFUSED, _SLOW, _BYTES_IN,
+ _BYTES_OUT, _DURATION, _BUCKET) = range(20)      # of SLOT_FIELDS
+#: the master's own counters, before the slots
+BOARD_FIELDS = ('started', 'generation', 'max_busy', 'max_listen_queue',
+                'restarts_exit', 'restarts_signal', 'restarts_max_requests',
+                'restarts_worker_timeout', 'restarts_reload')
+SLOT_TEXT = 4096        # bytes of each worker's requests in flight (?full)
+
+
+class Scoreboard:
+    """The status page's counters, in memory mapped before the fork: the
+    master's; a slot per worker, written by that worker only, with a text
+    area for its requests in flight; slot 0, where the master folds the
+    counts of workers that are gone, so that totals never go back."""
+
+    def __init__(self, slots: int = 128) -> None:
+        import mmap
+        self.slots = slots
+        self.width = len(SLOT_FIELDS)
+        size = len(BOARD_FIELDS) + (slots + 1) * self.width
+        self.memory = mmap.mmap(-1, size * 8 + (slots + 1) * SLOT_TEXT)
+        self.ints = memoryview(self.memory)[:size * 8].cast('q')
+        self.text_at = size * 8
+        self.base = self.slot_base(1)   # a server without a master: slot 1
+        self.ints[BOARD_FIELDS.index('started')] = int(time.time())
+
+    def slot_base(self, slot: int) -> int:
+        return len(BOARD_FIELDS) + slot * self.width
+
+    def add(self, name: str, count: int = 1) -> None:
+        self.ints[BOARD_FIELDS.index(name)] += count
+
+    def get(self, name: str) -> int:
+        return self.ints[BOARD_FIELDS.index(name)]
+
+    def take_slot(self, slot: int, generation: int) -> None:
+        """In a new worker: slot ``slot`` is this process's."""
+        self.base = base = self.slot_base(slot)
+        self.ints[base:base + self.width] = memoryview(bytes(8 * self.width)).cast('q')
+        self.ints[base + _PID] = os.getpid()
+        self.ints[base + _GENERATION] = generation
+        self.ints[base + _STARTED] = int(time.time())
+
+    def free_slot(self, slot: int) -> None:
+        """In the master, once the slot's worker is gone: its counts go to
+        slot 0."""
+        base, width = self.slot_base(slot), self.width
+        for field in range(_ACCEPTED, width):
+            self.ints[self.slot_base(0) + field] += self.ints[base + field]
+        self.ints[base:base + width] = memoryview(bytes(8 * width)).cast('q')
+
+    def count(self, request, seconds: float, outcome: int = 0) -> None:
+        """A request whose handler has ended (``outcome``: _ABORTED or
+        _TIMED_OUT, if so)."""
+        ints, base = self.ints, self.base
+        ints[base + _SERVED] += 1
+        if outcome:
+            ints[base + outcome] += 1
+        code = request.status_code
+        if code and '1' <= code[0] <= '5':
+            ints[base + _1XX + ord(code[0]) - 49] += 1
+        ints[base + _DURATION] += int(seconds * 1e6)
+        ints[base + _BUCKET + bisect.bisect_left(DURATION_BUCKETS,
+                                                 seconds)] += 1
+        stdin = request._stdin
+        if stdin is not None:
+            ints[base + _BYTES_IN] += stdin.received
+        ints[base + _BYTES_OUT] += request.stdout.bytes_written
+
+    def write_requests(self, lines: List[str]) -> None:
+        at = self.text_at + (self.base - self.slot_base(0)) // self.width \
+            * SLOT_TEXT
+        data = '\n'.join(lines).encode('utf-8', 'replace')[:SLOT_TEXT - 1]
+        self.memory[at:at + len(data) + 1] = data + b'\0'
+
+    def workers(self) -> List[Dict[str, int]]:
+        """The slots in use, as dicts of SLOT_FIELDS, and their requests."""
+        found = []
+        for slot in range(1, self.slots + 1):
+            base = self.slot_base(slot)
+            if self.ints[base + _PID]:
+                worker = dict(zip(SLOT_FIELDS,
+                                  self.ints[base:base + self.width]))
+                at = self.text_at + slot * SLOT_TEXT
+                text = self.memory[at:at + SLOT_TEXT].split(b'\0', 1)[0]
+                worker['requests'] = [line.split('\t') for line in text.decode(
+                    'utf-8', 'replace').splitlines()]
+                found.append(worker)
+        return found
+
+    def totals(self) -> Dict[str, int]:
+        totals = dict.fromkeys(SLOT_FIELDS[_BUSY:], 0)
+        for slot in range(self.slots + 1):
+            base = self.slot_base(slot)
+            if slot == 0 or self.ints[base + _PID]:
+                for name, value in zip(SLOT_FIELDS[_BUSY:], self.ints[
+                        base + _BUSY:base + self.width]):
+                    totals[name] += value
+        return totals
+
+
+_PLUMBING = (os.path.dirname(gevent.__file__), os.path.dirname(
+    greenlet.__file__), os.path.abspath(__file__))
+_STDLIB = os.path.dirname(os.__file__)
+
+
+def waiting_in(glet) -> str:
+    """'file:line function' of the application's frame ``glet`` waits in:
+    the innermost one outside gevent, greenlet, this file and the standard
+    library."""
+    frame = glet.gr_frame
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if not (name.startswith(_PLUMBING) or name.startswith(_STDLIB)
+                and 'site-packages' not in name):
+            return '%s:%d %s' % (name, frame.f_lineno, frame.f_code.co_name)
+        frame = frame.f_back
+    return '-'
+
+
+def _listen_queue(sock) -> Tuple[int, int]:
+    """(connections waiting to be accepted, backlog) of a TCP listening
+    socket, from TCP_INFO (Linux), as PHP-FPM shows them; (-1, -1) where
+    the kernel does not say (unix sockets, other systems)."""
+    try:
+        info = sock.getsockopt(_stdlib_socket.IPPROTO_TCP,
+                               _stdlib_socket.TCP_INFO, 104)
+        return struct.unpack_from('II', info, 24)
+    except (AttributeError, OSError, struct.error):
+        return -1, -1
+
+
+def in_flight(server) -> list:
+    """The requests whose handlers run in this process."""
+    return [request for connection in list(server.connections)
+            for request in list(connection.requests.values())
+            if request.greenlet is not None and request.started]
+
+def publish_requests(server) -> None:
+    """Our requests in flight to the scoreboard, with the frame each
+    waits in; and samples of the most in flight and the listen queue."""
+    board = server.scoreboard
+    board.write_requests(['\t'.join((
+        request.environ.get('REQUEST_METHOD', '-'),
+        _log_escape(request.environ.get('REQUEST_URI')
+                    or request_path(request.environ)),
+        '%.3f' % request.started, waiting_in(request.greenlet)))
+        for request in in_flight(server)])
+    for name, value in (('max_busy', board.totals()['busy']),
+                        ('max_listen_queue',
+                         _listen_queue(server.socket)[0])):
+        if value > board.get(name):
+            board.add(name, value - board.get(name))
+
+
+def status_report(server, full: bool = False) -> Dict:
+    """The whole server's counters, all workers together (PHP-FPM's names
+    where it has one); ``full`` adds each worker and its requests."""
+    board = server.scoreboard
+    # not the status request itself; release() sets it right again
+    board.ints[board.base + _BUSY] = server.active_requests - 1
+    publish_requests(server)      # ours are fresh; others' < 0.25 s old
+    totals = board.totals()
+    workers = board.workers()
+    busy = sum(1 for worker in workers if worker['busy'])
+    now = time.time()
+    queue, backlog = _listen_queue(server.socket)
+    report = {
+        'start time': board.get('started'),
+        'start since': int(now) - board.get('started'),
+        'generation': board.get('generation'),
+        'total processes': len(workers), 'active processes': busy,
+        'idle processes': len(workers) - busy,
+        'accepted conn': totals['accepted'],
+        'open connections': totals['open'],
+        'requests in flight': totals['busy'],
+        'max requests in flight': board.get('max_busy'),
+        'requests': totals['served'],
+        'requests by status': {'%dxx' % n: totals['%dxx' % n]
+                               for n in range(1, 6)},
+        'aborted requests': totals['aborted'],
+        'timed out requests': totals['timed_out'],
+        'refused requests': totals['refused'],
+        'slow requests': totals['slow'],
+        'request duration seconds': {
+            'buckets': dict(zip([str(b) for b in DURATION_BUCKETS]
+                                + ['+Inf'], itertools.accumulate(
+                                    totals['bucket_%d' % n] for n in range(
+                                        len(DURATION_BUCKETS) + 1)))),
+            'sum': totals['duration_us'] / 1e6},
+        'bytes received': totals['bytes_in'], 'bytes sent': totals['bytes_out'],
+        'listen queue': queue, 'max listen queue': board.get(
+            'max_listen_queue'), 'listen queue len': backlog,
+        'worker restarts': {cause: board.get('restarts_' + cause) for cause in
+                            ('exit', 'signal', 'max_requests',
+                             'worker_timeout', 'reload')},
+    }
+    if full:
+        report['processes'] = [{
+            'pid': worker['pid'], 'generation': worker['generation'],
+            'start time': worker['started'], 'requests': worker['served'],
+            'rss': _rss(worker['pid']),
+            'state': 'Running' if worker['busy'] else 'Idle',
+            'requests in flight': [{
+                'method': method, 'uri': uri,
+                'age': round(now - float(started), 3), 'waiting in': frame}
+                for method, uri, started, frame in worker['requests']
+                if worker['busy']]} for worker in workers]
+    return report
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open('/proc/%d/statm' % pid) as statm:
+            return int(statm.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+def status_response(server, query: str) -> bytes:
+    """The status page as a CGI response: text (default), ?json or
+    ?openmetrics; ?full adds each worker and its requests."""
+    import json
+    flags = set(query.replace('&', ' ').replace('=', ' ').split())
+    report = status_report(server, 'full' in flags)
+    if 'json' in flags:
+        kind, body = 'application/json', json.dumps(report)
+    elif 'openmetrics' in flags:
+        kind = 'application/openmetrics-text; version=1.0.0; charset=utf-8'
+        body = openmetrics(report)
+    else:
+        kind, body = 'text/plain; charset=utf-8', _status_text(report)
+    body = body.encode('utf-8')
+    return (b'Status: 200 OK\r\nContent-Type: %s\r\nCache-Control: no-store'
+            b'\r\nContent-Length: %d\r\n\r\n' % (kind.encode(), len(body))
+            + body)
+
+
+def _status_text(report: Dict, prefix: str = '') -> str:
+    lines = []
+    for key, value in report.items():
+        if key == 'processes':
+            for process in value:
+                requests = process.pop('requests in flight')
+                lines += ['*' * 24, _status_text(process).rstrip()]
+                lines += ['request: %(method)s %(uri)s, %(age)gs, waiting in '
+                          '%(waiting in)s' % request for request in requests]
+        elif isinstance(value, dict):
+            lines.append(_status_text(value, prefix + key + ' ').rstrip())
+        else:
+            lines.append('%s%s: %s' % (prefix, key, value))
+    return '\n'.join(lines) + '\n'
+
+
+_METRICS = (    # OpenMetrics name and type, and the report's key
+    ('start_time_seconds', 'gauge', 'start time'),
+    ('processes', 'gauge', 'processes'),
+    ('connections', 'counter', 'accepted conn'),
+    ('open_connections', 'gauge', 'open connections'),
+    ('requests', 'counter', 'requests'),
+    ('responses', 'counter', 'requests by status'),
+    ('requests_in_flight', 'gauge', 'requests in flight'),
+    ('aborted_requests', 'counter', 'aborted requests'),
+    ('timed_out_requests', 'counter', 'timed out requests'),
+    ('refused_requests', 'counter', 'refused requests'),
+    ('slow_requests', 'counter', 'slow requests'),
+    ('received_bytes', 'counter', 'bytes received'),
+    ('sent_bytes', 'counter', 'bytes sent'),
+    ('listen_queue', 'gauge', 'listen queue'),
+    ('max_listen_queue', 'gauge', 'max listen queue'),
+    ('worker_restarts', 'counter', 'worker restarts'),
+    ('request_duration_seconds', 'histogram', 'request duration seconds'))
+_METRIC_LABELS = {'processes': 'state', 'responses': 'class',
+                  'worker_restarts': 'cause'}
+
+
+def openmetrics(report: Dict) -> str:
+    """The report in the OpenMetrics text format (Prometheus scrapes it)."""
+    report = dict(report, processes={'active': report['active processes'],
+                                     'idle': report['idle processes']})
+    out = []
+    for name, kind, key in _METRICS:
+        out.append('# TYPE gevent_fastcgi_%s %s' % (name, kind))
+        if kind == 'histogram':
+            duration = report[key]
+            samples = [('_bucket{le="%s"}' % le, count)
+                       for le, count in duration['buckets'].items()] + [
+                ('_count', duration['buckets']['+Inf']),
+                ('_sum', duration['sum'])]
+        elif isinstance(report[key], dict):
+            samples = [('%s{%s="%s"}' % ('_total' * (kind == 'counter'),
+                                        _METRIC_LABELS[name], label), value)
+                       for label, value in report[key].items()]
+        else:
+            samples = [('_total' * (kind == 'counter'), report[key])]
+        out += ['gevent_fastcgi_%s%s %s' % (name, suffix, value)
+                for suffix, value in samples]
+    return '\n'.join(out) + '\n# EOF\n'
 
 
 _getrefcount = sys.getrefcount
@@ -1004,16 +1336,9 @@ def _no_request(request) -> None:
 
 
 class Request:
-    """One FastCGI request, as a request handler receives it.
-
-    environ  dict of the FCGI_PARAMS the web server sent (str: str, latin-1)
-    stdin    InputStream of the request body (FCGI_STDIN)
-    data     InputStream of the FILTER role's file (FCGI_DATA); empty otherwise
-    stdout   OutputStream for the response, CGI style: headers, blank line, body
-    stderr   OutputStream for messages to the web server's error log
-    role     FCGI_RESPONDER, FCGI_AUTHORIZER or FCGI_FILTER
-    id, keep_conn, connection, server
-    """
+    """One FastCGI request, as a request handler receives it: environ
+    (FCGI_PARAMS, str: str), stdin, data (FILTER's FCGI_DATA), stdout (a CGI
+    response), stderr (to the web server's log), role, id, keep_conn."""
 
     __slots__ = ('connection', 'server', 'id', 'role', 'keep_conn', 'environ',
                  '_stdin', 'data', 'stdout', '_stderr', 'greenlet', 'ended',
@@ -1116,11 +1441,19 @@ class Request:
             return False
         if server.script_name is not None:
             mount(environ, server.script_name)
-        if server.ping_path is not None and (
-                request_path(environ) == server.ping_path):
-            # a health check: answered here, the application is not called
-            self.end(output=encode_records(FCGI_STDOUT, self.id, plain_response(
-                '200 OK', b'pong\n')) + STDOUT_END[self.id])
+        if server.ping_path is not None or server.status_path is not None:
+            # health checks and the status page: answered here, the
+            # application is not called
+            path = request_path(environ)
+            if path == server.ping_path:
+                answer = plain_response('200 OK', b'pong\n')
+            elif path == server.status_path:
+                answer = status_response(server,
+                                         environ.get('QUERY_STRING', ''))
+            else:
+                return True
+            self.end(output=encode_records(FCGI_STDOUT, self.id, answer)
+                     + STDOUT_END[self.id])
             return False
         return True
 
@@ -1173,6 +1506,9 @@ class Request:
         """Answer with an HTTP error of our own; cancel a running handler."""
         logger.warning('%s: request %d refused: %s', self.connection, self.id,
                        reason)
+        if self.server.scoreboard is not None:
+            self.server.scoreboard.ints[self.server.scoreboard.base
+                                        + _REFUSED] += 1
         output = b''
         if self.answer_error(status, status.encode('ascii')):
             output = self.stdout.take_records()
@@ -1221,7 +1557,11 @@ class Request:
         """The request is over: it leaves its connection, drops its input."""
         self.ended = True
         if self.connection.requests.pop(self.id, None) is not None:
-            self.server.active_requests -= 1
+            server = self.server
+            server.active_requests -= 1
+            if server.scoreboard is not None:
+                server.scoreboard.ints[server.scoreboard.base + _BUSY] = \
+                    server.active_requests
         if self._stdin is not None:
             self._stdin.close()
         if self.data is not _NO_INPUT:
@@ -1239,6 +1579,7 @@ def run_request(request: Request) -> None:
     server = request.server
     request.started = started = time.time()
     log = server.access_log
+    outcome = 0
     timeout = (RequestTimeout(server.request_timeout)
                if server.request_timeout else None)
     try:
@@ -1249,9 +1590,11 @@ def run_request(request: Request) -> None:
             app_status = result
     except (RequestAborted, ConnectionClosed):
         log = False     # ended by whoever stopped it: nothing to log
+        outcome = _ABORTED
     except BaseException as exc:
         app_status = 1
         if exc is timeout:      # with the stack it was waiting in
+            outcome = _TIMED_OUT
             logger.error('%s: %r cancelled after request_timeout (%gs)',
                          request.connection, request, server.request_timeout,
                          exc_info=True)
@@ -1276,6 +1619,8 @@ def run_request(request: Request) -> None:
         except ConnectionClosed:
             pass
     request.greenlet = None     # the greenlet serves the next request
+    if server.scoreboard is not None:
+        server.scoreboard.count(request, time.time() - started, outcome)
     if log:
         log_access(request, started)
 
@@ -1577,8 +1922,13 @@ class Connection:
             server.active_requests += 1
             self.requests[request_id] = Request(self, request_id, role,
                                                 keep_conn)
+            if server.scoreboard is not None:
+                server.scoreboard.ints[server.scoreboard.base + _BUSY] = \
+                    server.active_requests
             return
         logger.warning('%s: request %d refused: %s', self, request_id, why)
+        if server.scoreboard is not None:
+            server.scoreboard.ints[server.scoreboard.base + _REFUSED] += 1
         self.transport.send(encode_end_request(request_id, 0, protocol_status))
         if not keep_conn:
             self.close_write()
@@ -1790,16 +2140,9 @@ _WSGI_CONSTANTS = {
 
 
 class WSGIRequestHandler:
-    """Runs a WSGI application (PEP 3333) for each request.
-
-    ``debug=True`` sends the traceback of a failing application to the
-    client; never do that in production.
-
-    Beyond PEP 3333 the environ holds ``fastcgi.role`` (RESPONDER,
-    AUTHORIZER or FILTER), ``fastcgi.data`` (the FILTER role's FCGI_DATA
-    stream, a file-like object; empty for other roles) and
-    ``fastcgi.request`` (the Request).
-    """
+    """Runs a WSGI application (PEP 3333) for each request; ``debug``
+    sends a failure's traceback to the client.  The environ also holds
+    ``fastcgi.role``, ``fastcgi.data`` and ``fastcgi.request``."""
 
     def __init__(self, app, debug: bool = False) -> None:
         if not callable(app):
@@ -2232,7 +2575,12 @@ SERVER_OPTIONS = [
            'where the application is mounted (empty for /, or /prefix): '
            'SCRIPT_NAME and PATH_INFO are set from it and the request path, '
            'whatever the web server sent'),
+    Option('status_path', '--status-path', _optional(_to_path), None,
+           'answer the status page (all workers together) for this path '
+           'without calling the application: ?json, ?openmetrics, ?full '
+           '(PHP-FPM\'s pm.status_path; default: off)'),
     Option('ping_path', '--ping-path', _optional(_to_path), None,
+
            'answer "pong" (200, text/plain) to requests for this path '
            'without calling the application: health checks (PHP-FPM\'s '
            'ping.path; default: off)'),
@@ -2435,10 +2783,6 @@ def create_listener(address, backlog: int = 128, socket_mode=None):
     return sock
 
 
-def _is_socket(obj) -> bool:
-    return hasattr(obj, 'accept') and hasattr(obj, 'getsockname')
-
-
 def inherited_listener(fd: int):
     """The listening socket on file descriptor ``fd``, as left to us by
     systemd, spawn-fcgi or a web server that starts FastCGI apps."""
@@ -2461,19 +2805,16 @@ def _web_server_addrs():
     text = os.environ.get('FCGI_WEB_SERVER_ADDRS')
     if text is None:
         return None
-    try:    # as peers are: '::ffff:127.0.0.1' is the IPv4 peer it names
+    try:
         return {_unmapped(ipaddress.ip_address(item.strip()))
                 for item in text.split(',') if item.strip()}
     except ValueError as exc:
         raise ValueError('FCGI_WEB_SERVER_ADDRS: %s' % exc) from None
 
 
-
 def _unmapped(address):
-    """An IPv4-mapped IPv6 address as the IPv4 address it is."""
-    if address.version == 6 and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
+    """'::ffff:127.0.0.1' is the IPv4 address it names."""
+    return getattr(address, 'ipv4_mapped', None) or address
 
 
 def _peer_allowed(address, allowed) -> bool:
@@ -2587,6 +2928,7 @@ def reopen_log_files() -> None:
             if isinstance(handler, logging.FileHandler):
                 handler.acquire()
                 try:
+                    handler.flush()
                     if handler.stream is not None:
                         handler.stream.close()
                     handler.stream = handler._open()
@@ -2596,11 +2938,9 @@ def reopen_log_files() -> None:
 
 def handle_signals(server, reload: str, worker: bool = False) -> list:
     """Signals of a serving process: TERM, INT stop gracefully, a second one
-    or QUIT at once; USR1 reopens log files; HUP (``reload`` says what it
-    does), USR2, WINCH are logged: no habit stops a server by surprise.
-    A worker's TERM and INT never escalate: Ctrl-C and systemd's
-    KillMode=control-group signal every process, and the master forwards
-    them too; the master escalates (with QUIT)."""
+    (not in a worker: Ctrl-C and KillMode=control-group signal it with its
+    master, which forwards them too) or QUIT at once; USR1 reopens log
+    files; HUP (``reload`` says what), USR2, WINCH are logged."""
     def ignored(name, what):
         logger.info('%d: %s ignored%s', os.getpid(), name, what)
     escalate = not worker
@@ -2618,10 +2958,13 @@ def handle_signals(server, reload: str, worker: bool = False) -> list:
 class Worker:
     """The master's record of one worker process."""
 
-    def __init__(self, pid: int, generation: int, heartbeat) -> None:
+    def __init__(self, pid: int, generation: int, heartbeat,
+                 slot: int = 0) -> None:
         self.pid = pid
         self.generation = generation
         self.heartbeat = heartbeat      # temporary file the worker touches
+        self.slot = slot                # its slot of the scoreboard
+        self.timed_out = False          # killed for worker_timeout
         self.started = time.monotonic()
         self.retiring = False           # sent SIGTERM
         self.booted = False             # its heartbeat has begun
@@ -2669,15 +3012,19 @@ class WorkerGroup:
         # would serve on.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, [
             getattr(signal, name) for name in self.SIGNALS])
+        slot = min(set(range(1, 1 + 128)) - {
+            w.slot for w in self.workers.values()})
         try:
             # Not gevent.fork(): it starts a libev child watcher, and libev
             # then takes SIGCHLD from us: a dead worker would wait a poll.
             pid = gevent.os.fork_gevent()
             if pid == 0:
+                if self.server.scoreboard is not None:
+                    self.server.scoreboard.take_slot(slot, self.generation)
                 self._run_worker(heartbeat, mask)   # never returns
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        worker = Worker(pid, self.generation, heartbeat)
+        worker = Worker(pid, self.generation, heartbeat, slot)
         self.workers[pid] = worker
         logger.info('worker %d started (generation %d)', pid, self.generation)
         return worker
@@ -2712,6 +3059,16 @@ class WorkerGroup:
             if worker is None:
                 continue
             worker.heartbeat.close()
+            board = self.server.scoreboard
+            if board is not None:
+                board.free_slot(worker.slot)
+                if self.running:
+                    board.add('restarts_' + (
+                        'worker_timeout' if worker.timed_out
+                        else 'signal' if os.WIFSIGNALED(status)
+                        else 'exit' if os.WEXITSTATUS(status)
+                        else 'reload' if worker.retiring
+                        else 'max_requests'))
             if os.WIFSIGNALED(status):
                 logger.warning('worker %d killed by signal %s', pid,
                                signal.Signals(os.WTERMSIG(status)).name)
@@ -2766,6 +3123,7 @@ class WorkerGroup:
                 logger.error('worker %d: event loop blocked for more than %gs '
                              '(worker_timeout): killed; it wrote the stack of '
                              'the code blocking it above', worker.pid, timeout)
+                worker.timed_out = True
                 self.kill(worker.pid, signal.SIGKILL)
 
     @staticmethod
@@ -2777,13 +3135,9 @@ class WorkerGroup:
 
 
 class Arbiter(WorkerGroup):
-    """Runs ``server`` in ``server.num_workers`` forked processes.
-
-    SIGTERM, SIGINT: graceful stop; a second one, or SIGQUIT: stop at once.
-    SIGHUP: start a new generation of workers, then stop the old one
-    gracefully.  SIGTTIN, SIGTTOU: one worker more, one fewer.  SIGUSR1:
-    reopen log files (logrotate).  SIGUSR2, SIGWINCH: ignored, logged.
-    """
+    """Runs ``server`` in ``server.num_workers`` forked processes; its
+    signals are README.rst's table (TERM, INT, QUIT, HUP, TTIN, TTOU, USR1;
+    USR2 and WINCH logged)."""
 
     SIGNALS = ('SIGTERM', 'SIGINT', 'SIGQUIT', 'SIGHUP', 'SIGTTIN',
                'SIGTTOU', 'SIGCHLD', 'SIGUSR1', 'SIGUSR2', 'SIGWINCH')
@@ -2865,6 +3219,8 @@ class Arbiter(WorkerGroup):
 
     def handle_hup(self) -> None:
         self.generation += 1
+        if self.server.scoreboard is not None:
+            self.server.scoreboard.add('generation')
         logger.info('master %d: reloading: starting worker generation %d',
                     os.getpid(), self.generation)
 
@@ -3016,18 +3372,38 @@ def _heartbeat(server, fd: int, master: int):
     return timer
 
 
+def tick(server) -> None:
+    """Four times a second: the slow log (PHP-FPM's slowlog: a request
+    running past slow_request is logged once, with the stack its
+    greenlet waits in), this process's part of the status page, and the
+    access log's lines to its file."""
+    now = time.time()
+    board = server.scoreboard
+    for request in in_flight(server):
+        if (server.slow_request and now - request.started > server.slow_request
+                and request not in server._slow_logged):
+            server._slow_logged.add(request)
+            if board is not None:
+                board.ints[board.base + _SLOW] += 1
+            logger.warning(
+                'slow request: worker %d, %r running for %.1fs, waiting '
+                'in:\n%s', os.getpid(), request, now - request.started,
+                ''.join(traceback.format_stack(
+                    request.greenlet.gr_frame)).rstrip())
+    if board is not None:
+        publish_requests(server)
+    if isinstance(server.access_log, AccessLogFile):
+        server.access_log.flush()
+
+
 # 12. FastCGIServer -----------------------------------------------------------
 
 class FastCGIServer(StreamServer):
-    """Accepts connections from web servers and runs
-    ``request_handler(request)`` for each request.
-
-    address   (host, port), a unix socket path, an inherited listening
-              socket's fd, a listening socket; or a list of these
-    options   SERVER_OPTIONS (README.rst's table): num_workers, max_conns...
-
-    It binds at once, so that a bad address fails at once.  serve_forever()
-    serves in this process, or runs a master and workers (needs_master)."""
+    """Runs ``request_handler(request)`` for each request of the web servers
+    that connect to ``address`` ((host, port), a unix socket path, a
+    listening socket or its fd, or a list of these; bound at once).
+    ``options``: SERVER_OPTIONS.  serve_forever() serves here, or runs a
+    master and workers (needs_master)."""
 
     connection_class = Connection
     #: a stopping server closes a kept-open idle connection once it has been
@@ -3054,6 +3430,8 @@ class FastCGIServer(StreamServer):
         self.roles = settings['role']
         self.requests_served = 0
         self.web_server_addrs = _web_server_addrs()
+        self.scoreboard = Scoreboard() if self.status_path else None
+        self._slow_logged = weakref.WeakSet()
         self.access_log = configure_access_log(settings['access_log'])
         self.active_requests = 0
         self.stopping = False
@@ -3089,7 +3467,7 @@ class FastCGIServer(StreamServer):
                                            for extra in self.extra_listeners]
 
     def _listen(self, address, backlog: int):
-        if _is_socket(address):
+        if hasattr(address, 'accept'):          # a socket
             return address
         if isinstance(address, int) and not isinstance(address, bool):
             return inherited_listener(address)
@@ -3104,32 +3482,14 @@ class FastCGIServer(StreamServer):
         StreamServer.start(self)
         for extra in self.extra_listeners:
             extra.start()
-        if self.slow_request:
-            every = min(1.0, self.slow_request / 2)
-            self._slow_timer = gevent.get_hub().loop.timer(every, every)
-            self._slow_timer.start(self.log_slow_requests)
+        if (self.slow_request or self.scoreboard is not None
+                or isinstance(self.access_log, AccessLogFile)):
+            # (the status page's requests in flight are this fresh)
+            every = min(0.25, (self.slow_request or 1.0) / 2)
+            self._ticker = gevent.get_hub().loop.timer(every, every)
+            self._ticker.start(tick, self)
 
-    _slow_timer = None
-    slow_requests = 0       # requests the slow log wrote
-
-    def log_slow_requests(self) -> None:
-        """The slow log (PHP-FPM's request_slowlog_timeout): a request that
-        runs past slow_request is logged once, with the stack its greenlet
-        is waiting in."""
-        now = time.time()
-        for connection in list(self.connections):
-            for request in list(connection.requests.values()):
-                started = request.started
-                if (started is not None and now - started > self.slow_request
-                        and request.greenlet is not None):
-                    request.started = None      # logged
-                    self.slow_requests += 1
-                    logger.warning(
-                        'slow request: worker %d, %r running for %.1fs, '
-                        'waiting in:\n%s', os.getpid(), request, now - started,
-                        ''.join(traceback.format_stack(
-                            request.greenlet.gr_frame)).rstrip())
-
+    _ticker = None
 
     def close(self) -> None:
         for extra in getattr(self, 'extra_listeners', ()):
@@ -3156,7 +3516,16 @@ class FastCGIServer(StreamServer):
         self.connections.add(connection)
         if self.stopping:       # taken from the backlog by stop()
             connection.close_when_idle(self.drain_idle_time)
-        connection.run()
+        board = self.scoreboard
+        if board is None:
+            connection.run()
+            return
+        board.ints[board.base + _ACCEPTED] += 1
+        board.ints[board.base + _OPEN] += 1
+        try:
+            connection.run()
+        finally:
+            board.ints[board.base + _OPEN] -= 1
 
 
     def stop(self, timeout=None) -> None:
@@ -3165,8 +3534,8 @@ class FastCGIServer(StreamServer):
         stop_timeout) is cancelled."""
         self.stopping = True
         self._stop_requested.set()
-        if self._slow_timer is not None:
-            self._slow_timer.close()
+        if self._ticker is not None:
+            self._ticker.close()
         for connection in list(self.connections):
 
             connection.close_when_idle(self.drain_idle_time)
@@ -3234,7 +3603,10 @@ class FastCGIServer(StreamServer):
             return Arbiter(self).run()
         if isinstance(self.request_handler, AppLoader):
             self.request_handler = self.request_handler.load()
+        if self.scoreboard is not None:
+            self.scoreboard.take_slot(1, 0)
         handlers = []
+
         if threading.current_thread() is threading.main_thread():
             handlers = handle_signals(self, ': there is no reload without '
                                       'a master (--workers)')

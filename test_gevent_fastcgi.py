@@ -1747,6 +1747,139 @@ class TestRequests:
         assert client.response(2).body == b'small'
 
 
+class TestStatusPage:
+    """--status-path, with real workers behind a real nginx."""
+
+    def status(self, front, query='json'):
+        status, headers, body = front.request('GET', '/status?' + query)
+        assert status == 200
+        return (json.loads(body) if query.startswith('json')
+                else (dict(headers), body.decode()))
+
+    def test_counters_add_up_over_workers_and_restarts(self):
+        master = Master('--workers', '2', '--status-path', '/status')
+        nginx = Nginx('127.0.0.1:%d' % master.port, keep_conn=False)
+        try:
+            bodies = [os.urandom(1000 * n) for n in range(1, 6)]
+            for n in range(40):
+                assert nginx.request('GET', '/hello?%d' % n)[0] == 200
+            for body in bodies:
+                assert nginx.request('POST', '/echo', body)[2] == body
+            for _ in range(3):
+                assert nginx.request('GET', '/fail')[0] == 500
+            report = self.status(nginx, 'json&full')
+            assert report['requests'] == 48
+            assert report['requests by status']['2xx'] == 45
+            assert report['requests by status']['5xx'] == 3
+            assert report['bytes received'] == sum(map(len, bodies))
+            assert report['total processes'] == 2
+            served = [p['requests'] for p in report['processes']]
+            assert sum(served) == 48
+            histogram = report['request duration seconds']['buckets']
+            assert histogram['+Inf'] == 48
+            # a worker that dies takes nothing from the totals
+            victim = max(report['processes'], key=lambda p: p['requests'])[
+                'pid']
+            os.kill(victim, signal.SIGKILL)
+            assert wait_for(lambda: victim not in master.workers()
+                            and len(master.workers()) == 2)
+            assert nginx.request('GET', '/hello')[0] == 200
+            after = self.status(nginx)
+            assert after['requests'] == 49
+            assert after['worker restarts']['signal'] == 1
+            assert after['accepted conn'] >= 50
+        finally:
+            nginx.stop()
+            assert master.stop() == 0
+
+    def test_full_shows_where_each_request_waits(self, tmp_path):
+        master = Master('--workers', '2', '--status-path', '/status',
+                        '--slow-request', '0.3')
+        nginx = Nginx('127.0.0.1:%d' % master.port)
+        started = tmp_path / 'started'
+        slow = threading.Thread(target=nginx.request, args=(
+            'GET', '/sleep?2,%s' % started), daemon=True)
+        try:
+            slow.start()
+            assert wait_for(started.exists)
+            # while every worker's requests are busy, any worker answers
+            busy = [threading.Thread(target=raw_get, args=(
+                master.address, '/sleep?1.5'), daemon=True) for _ in range(6)]
+            for thread in busy:
+                thread.start()
+            time.sleep(0.6)     # each worker refreshes its list (0.25 s)
+            t0 = time.monotonic()
+            headers, text = self.status(nginx, 'full')
+            assert time.monotonic() - t0 < 0.5
+            assert headers['Content-Type'].startswith('text/plain')
+            assert 'requests in flight: 7' in text, text
+            assert ('GET /sleep?2,%s' % started) in text
+            assert ('test_gevent_fastcgi.py:%d e2e_app' % E2E_SLEEPING_LINE
+                    in text), text
+            assert 'slow requests: ' in text and 'slow requests: 0' not in text
+        finally:
+            slow.join(10)
+            nginx.stop()
+            assert master.stop() == 0
+
+    def test_openmetrics_parses_and_its_histogram_is_cumulative(self):
+        parser = require_module('prometheus_client.openmetrics.parser')
+        master = Master('--workers', '2', '--status-path', '/status')
+        nginx = Nginx('127.0.0.1:%d' % master.port)
+        try:
+            for path in ('/hello', '/sleep?0.03', '/sleep?0.3', '/fail'):
+                nginx.request('GET', path)
+            headers, text = self.status(nginx, 'openmetrics')
+        finally:
+            nginx.stop()
+            assert master.stop() == 0
+        assert headers['Content-Type'].startswith(
+            'application/openmetrics-text; version=1.0.0')
+        families = {family.name: family for family in
+                    parser.text_string_to_metric_families(text)}
+        requests, = families['gevent_fastcgi_requests'].samples
+        assert requests.value == 4
+        buckets = [sample for sample in families[
+            'gevent_fastcgi_request_duration_seconds'].samples
+            if sample.name.endswith('_bucket')]
+        counts = [sample.value for sample in buckets]
+        assert counts == sorted(counts) and counts[-1] == 4
+        assert buckets[-1].labels['le'] == '+Inf'
+        assert counts[0] >= 2 and counts[-1] - counts[4] >= 1   # 0.3 s
+        responses = {sample.labels['class']: sample.value for sample in
+                     families['gevent_fastcgi_responses'].samples}
+        assert responses['2xx'] == 3 and responses['5xx'] == 1
+
+
+class TestAccessLogRotation:
+    def test_every_line_in_exactly_one_file_under_load(self, tmp_path):
+        log = tmp_path / 'access.log'
+        master = Master('--workers', '2', '--access-log', str(log))
+        count = iter(range(10 ** 6))
+        try:
+            def request():
+                n = next(count)
+                assert raw_get(master.address, '/hello?%d' % n).status == 200
+            results = []
+            load = threading.Thread(target=lambda: results.extend(
+                steady_load(request, 2.0)))
+            load.start()
+            time.sleep(0.8)
+            os.rename(log, tmp_path / 'access.log.1')       # logrotate
+            master.signal(signal.SIGUSR1)
+            load.join(30)
+        finally:
+            assert master.stop() == 0
+        assert all(result is None for result in results), results[:3]
+        sent = len(results)
+        old = (tmp_path / 'access.log.1').read_text().splitlines()
+        new = log.read_text().splitlines()
+        queries = sorted(int(re.search(r'/hello\?(\d+) ', line).group(1))
+                         for line in old + new)
+        assert queries == list(range(sent))     # each once, none lost
+        assert old and new
+
+
 # ---------------------------------------------------------------------------
 # 7. Connections (a test per rule of the FastCGI specification, named by
 #    its section; then real web servers, and hostile peers)
