@@ -871,26 +871,28 @@ class AccessLogFile(logging.FileHandler):
 def log_access(request: 'Request', started: float) -> None:
     """One line per request in the combined log format, followed by the
     duration in microseconds (Apache's %D)."""
-    environ = request.environ
-    uri = environ.get('REQUEST_URI')
+    get = request.environ.get
+    uri = get('REQUEST_URI')
     if uri is None:
-        uri = environ.get('SCRIPT_NAME', '') + environ.get('PATH_INFO', '')
-        if environ.get('QUERY_STRING'):
-            uri += '?' + environ['QUERY_STRING']
+        uri = get('SCRIPT_NAME', '') + get('PATH_INFO', '')
+        if get('QUERY_STRING'):
+            uri += '?' + get('QUERY_STRING')
     size = request.body_size
     if size is None:
         size = request.stdout.bytes_written
     if int(started) != _LOG_TIME[0]:
         _LOG_TIME[:] = int(started), time.strftime('%d/%b/%Y:%H:%M:%S %z',
                                                    time.localtime(started))
+    fields = (get('REMOTE_ADDR', '-'), get('REMOTE_USER') or '-',
+              get('REQUEST_METHOD', '-'), uri, get('SERVER_PROTOCOL', '-'),
+              get('HTTP_REFERER', '-'), get('HTTP_USER_AGENT', '-'))
+    text = ' '.join(fields)         # all checked at once: usually clean
+    if not (text.isascii() and text.isprintable() and '"' not in text
+            and '\\' not in text):
+        fields = tuple(map(_log_escape, fields))
     line = '%s - %s [%s] "%s %s %s" %s %s "%s" "%s" %d' % (
-        _log_escape(environ.get('REMOTE_ADDR', '-')),
-        _log_escape(environ.get('REMOTE_USER') or '-'), _LOG_TIME[1],
-        _log_escape(environ.get('REQUEST_METHOD', '-')), _log_escape(uri),
-        _log_escape(environ.get('SERVER_PROTOCOL', '-')),
-        request.status_code or '-', size or '-',
-        _log_escape(environ.get('HTTP_REFERER', '-')),
-        _log_escape(environ.get('HTTP_USER_AGENT', '-')),
+        fields[0], fields[1], _LOG_TIME[1], fields[2], fields[3], fields[4],
+        request.status_code or '-', size or '-', fields[5], fields[6],
         int((time.time() - started) * 1e6))
     target = request.server.access_log
     if target is True:
@@ -975,6 +977,9 @@ class Scoreboard:
         self.ints = memoryview(self.memory)[:size * 8].cast('q')
         self.text_at = size * 8
         self.base = self.slot_base(1)   # a server without a master: slot 1
+        # this process's counts: a list is cheaper to count into than the
+        # shared memory, which flush() (four times a second) brings up to date
+        self.counts = [0] * self.width
         self.ints[BOARD_FIELDS.index('started')] = int(time.time())
 
     def slot_base(self, slot: int) -> int:
@@ -989,7 +994,8 @@ class Scoreboard:
     def take_slot(self, slot: int, generation: int) -> None:
         """In a new worker: slot ``slot`` is this process's."""
         self.base = base = self.slot_base(slot)
-        self.ints[base:base + self.width] = memoryview(bytes(8 * self.width)).cast('q')
+        self.counts = [0] * self.width
+        self.flush()
         self.ints[base + _PID] = os.getpid()
         self.ints[base + _GENERATION] = generation
         self.ints[base + _STARTED] = int(time.time())
@@ -1002,23 +1008,28 @@ class Scoreboard:
             self.ints[self.slot_base(0) + field] += self.ints[base + field]
         self.ints[base:base + width] = memoryview(bytes(8 * width)).cast('q')
 
+    def flush(self) -> None:
+        import array
+        base = self.base
+        self.ints[base + _BUSY:base + self.width] = array.array(
+            'q', self.counts[_BUSY:])
+
     def count(self, request, seconds: float, outcome: int = 0) -> None:
         """A request whose handler has ended (``outcome``: _ABORTED or
         _TIMED_OUT, if so)."""
-        ints, base = self.ints, self.base
-        ints[base + _SERVED] += 1
+        counts = self.counts
+        counts[_SERVED] += 1
         if outcome:
-            ints[base + outcome] += 1
+            counts[outcome] += 1
         code = request.status_code
         if code and '1' <= code[0] <= '5':
-            ints[base + _1XX + ord(code[0]) - 49] += 1
-        ints[base + _DURATION] += int(seconds * 1e6)
-        ints[base + _BUCKET + bisect.bisect_left(DURATION_BUCKETS,
-                                                 seconds)] += 1
+            counts[_1XX + ord(code[0]) - 49] += 1
+        counts[_DURATION] += int(seconds * 1e6)
+        counts[_BUCKET + bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
         stdin = request._stdin
         if stdin is not None:
-            ints[base + _BYTES_IN] += stdin.received
-        ints[base + _BYTES_OUT] += request.stdout.bytes_written
+            counts[_BYTES_IN] += stdin.received
+        counts[_BYTES_OUT] += request.stdout.bytes_written
 
     def write_requests(self, lines: List[str]) -> None:
         at = self.text_at + (self.base - self.slot_base(0)) // self.width \
@@ -1093,13 +1104,16 @@ def publish_requests(server) -> None:
     """Our requests in flight to the scoreboard, with the frame each
     waits in; and samples of the most in flight and the listen queue."""
     board = server.scoreboard
+    board.flush()
     board.write_requests(['\t'.join((
         request.environ.get('REQUEST_METHOD', '-'),
         _log_escape(request.environ.get('REQUEST_URI')
                     or request_path(request.environ)),
         '%.3f' % request.started, waiting_in(request.greenlet)))
         for request in in_flight(server)])
-    for name, value in (('max_busy', board.totals()['busy']),
+    for name, value in (('max_busy', sum(board.ints[
+            board.slot_base(slot) + _BUSY] for slot in range(
+                1, board.slots + 1))),
                         ('max_listen_queue',
                          _listen_queue(server.socket)[0])):
         if value > board.get(name):
@@ -1111,7 +1125,7 @@ def status_report(server, full: bool = False) -> Dict:
     where it has one); ``full`` adds each worker and its requests."""
     board = server.scoreboard
     # not the status request itself; release() sets it right again
-    board.ints[board.base + _BUSY] = server.active_requests - 1
+    board.counts[_BUSY] = server.active_requests - 1
     publish_requests(server)      # ours are fresh; others' < 0.25 s old
     totals = board.totals()
     workers = board.workers()
@@ -1444,7 +1458,8 @@ class Request:
         if server.ping_path is not None or server.status_path is not None:
             # health checks and the status page: answered here, the
             # application is not called
-            path = request_path(environ)
+            path = (environ.get('SCRIPT_NAME', '') + environ.get(
+                'PATH_INFO', '')) or request_path(environ)
             if path == server.ping_path:
                 answer = plain_response('200 OK', b'pong\n')
             elif path == server.status_path:
@@ -1507,8 +1522,7 @@ class Request:
         logger.warning('%s: request %d refused: %s', self.connection, self.id,
                        reason)
         if self.server.scoreboard is not None:
-            self.server.scoreboard.ints[self.server.scoreboard.base
-                                        + _REFUSED] += 1
+            self.server.scoreboard.counts[_REFUSED] += 1
         output = b''
         if self.answer_error(status, status.encode('ascii')):
             output = self.stdout.take_records()
@@ -1560,8 +1574,7 @@ class Request:
             server = self.server
             server.active_requests -= 1
             if server.scoreboard is not None:
-                server.scoreboard.ints[server.scoreboard.base + _BUSY] = \
-                    server.active_requests
+                server.scoreboard.counts[_BUSY] = server.active_requests
         if self._stdin is not None:
             self._stdin.close()
         if self.data is not _NO_INPUT:
@@ -1923,12 +1936,11 @@ class Connection:
             self.requests[request_id] = Request(self, request_id, role,
                                                 keep_conn)
             if server.scoreboard is not None:
-                server.scoreboard.ints[server.scoreboard.base + _BUSY] = \
-                    server.active_requests
+                server.scoreboard.counts[_BUSY] = server.active_requests
             return
         logger.warning('%s: request %d refused: %s', self, request_id, why)
         if server.scoreboard is not None:
-            server.scoreboard.ints[server.scoreboard.base + _REFUSED] += 1
+            server.scoreboard.counts[_REFUSED] += 1
         self.transport.send(encode_end_request(request_id, 0, protocol_status))
         if not keep_conn:
             self.close_write()
@@ -3384,7 +3396,7 @@ def tick(server) -> None:
                 and request not in server._slow_logged):
             server._slow_logged.add(request)
             if board is not None:
-                board.ints[board.base + _SLOW] += 1
+                board.counts[_SLOW] += 1
             logger.warning(
                 'slow request: worker %d, %r running for %.1fs, waiting '
                 'in:\n%s', os.getpid(), request, now - request.started,
@@ -3520,12 +3532,12 @@ class FastCGIServer(StreamServer):
         if board is None:
             connection.run()
             return
-        board.ints[board.base + _ACCEPTED] += 1
-        board.ints[board.base + _OPEN] += 1
+        board.counts[_ACCEPTED] += 1
+        board.counts[_OPEN] += 1
         try:
             connection.run()
         finally:
-            board.ints[board.base + _OPEN] -= 1
+            board.counts[_OPEN] -= 1
 
 
     def stop(self, timeout=None) -> None:
@@ -3559,10 +3571,11 @@ class FastCGIServer(StreamServer):
                     break
                 server.do_handle(*accepted)
         try:
-
             StreamServer.stop(self, timeout)
         finally:
             self._remove_unix_sockets()
+            if self.scoreboard is not None:
+                self.scoreboard.flush()         # what the drain served
 
     def _remove_unix_sockets(self) -> None:
         # Only the process that made them: a worker's exit must not pull

@@ -1767,6 +1767,7 @@ class TestStatusPage:
                 assert nginx.request('POST', '/echo', body)[2] == body
             for _ in range(3):
                 assert nginx.request('GET', '/fail')[0] == 500
+            time.sleep(0.5)     # each worker publishes 4 times a second
             report = self.status(nginx, 'json&full')
             assert report['requests'] == 48
             assert report['requests by status']['2xx'] == 45
@@ -1784,6 +1785,7 @@ class TestStatusPage:
             assert wait_for(lambda: victim not in master.workers()
                             and len(master.workers()) == 2)
             assert nginx.request('GET', '/hello')[0] == 200
+            time.sleep(0.5)
             after = self.status(nginx)
             assert after['requests'] == 49
             assert after['worker restarts']['signal'] == 1

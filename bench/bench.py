@@ -178,13 +178,17 @@ WSGIServer(app, bindAddress=('127.0.0.1', int(sys.argv[1])),
 def backend_command(name, port, workers):
     """-> (argv, cwd, env, protocol) for one backend."""
     clean_env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
-    if name == 'ours':
+    if name in ('ours', 'ours-visible'):
         argv = [sys.executable, '-m', 'gevent_fastcgi', '--bind',
                 '127.0.0.1:%d' % port, '--log-level', 'warning',
                 '--max-conns', '4096', '--max-reqs', '4096',
                 '--backlog', '4096', '--chdir', HERE, 'bench_app:app']
         if workers > 1:
             argv[3:3] = ['--workers', str(workers)]
+        if name == 'ours-visible':      # what an operator turns on
+            argv[3:3] = ['--status-path', '/status', '--access-log',
+                         os.path.join(tempfile.gettempdir(),
+                                      'gevent-fastcgi-bench-access.log')]
         return argv, ROOT, dict(clean_env, PYTHONPATH=ROOT), 'fastcgi'
     if name == 'original':
         # run from bench/, where no gevent_fastcgi.py shadows the package
@@ -376,7 +380,8 @@ wrk.headers["Content-Type"] = "application/octet-stream"
 PYTHON = ['ours', 'original', 'flup', 'uwsgi', 'gunicorn']
 WORKLOADS = {
     'hello-c1': ('/hello', 1, 1, None, PYTHON + ['libfcgi'], 1, 'nginx'),
-    'hello-c50': ('/hello', 50, 2, None, PYTHON + ['libfcgi'], 1, 'nginx'),
+    'hello-c50': ('/hello', 50, 2, None,
+                  PYTHON + ['ours-visible', 'libfcgi'], 1, 'nginx'),
     '64k-c20': ('/64k', 20, 2, None, PYTHON, 1, 'nginx'),
     '1m-c10': ('/1m', 10, 2, None, PYTHON, 1, 'nginx'),
     'upload1m-c10': ('/upload', 10, 2, UPLOAD_LUA, PYTHON + ['libfcgi'], 1,
@@ -671,7 +676,8 @@ def front_text(cell):
 
 
 def report(table, checks, info):
-    backends = ['ours', 'original', 'flup', 'uwsgi', 'gunicorn', 'libfcgi']
+    backends = ['ours', 'ours-visible', 'original', 'flup', 'uwsgi', 'gunicorn',
+                'libfcgi']
     lines = ['successful requests/s | CPU us per request | median latency us '
              '(medians of %d rounds)' % info['rounds'], '']
     lines += table_lines(table, backends, speed_text)
