@@ -22,8 +22,8 @@ setup(
         'paste': ['PasteDeploy>=2.1.1'],
         'django': ['Django>=4.2'],
         'zope': ['zope.interface>=5.4'],
-        'test': ['pytest', 'hypothesis', 'zope.interface', 'PasteDeploy',
-                 'pyramid', 'Django>=4.2'],
+        'test': ['pytest', 'hypothesis', 'prometheus_client',
+                 'zope.interface', 'PasteDeploy', 'pyramid', 'Django>=4.2'],
     },
     entry_points={
         'console_scripts': ['gevent-fastcgi = gevent_fastcgi:main'],
