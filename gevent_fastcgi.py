@@ -2592,7 +2592,6 @@ SERVER_OPTIONS = [
            'without calling the application: ?json, ?openmetrics, ?full '
            '(PHP-FPM\'s pm.status_path; default: off)'),
     Option('ping_path', '--ping-path', _optional(_to_path), None,
-
            'answer "pong" (200, text/plain) to requests for this path '
            'without calling the application: health checks (PHP-FPM\'s '
            'ping.path; default: off)'),

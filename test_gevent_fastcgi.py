@@ -596,7 +596,7 @@ def has_ipv6_loopback():
         return False
 
 
-NGINX_CONF = """
+NGINX_HEAD = """
 daemon off;
 master_process on;
 worker_processes 1;
@@ -606,7 +606,8 @@ error_log {dir}/error.log info;
 events {{ worker_connections 1024; }}
 http {{
     access_log off;
-""" + NGINX_TEMP_PATHS + """    upstream app {{
+""" + NGINX_TEMP_PATHS
+NGINX_CONF = NGINX_HEAD + """    upstream app {{
         server {upstream};
         {keepalive}
     }}
@@ -4461,17 +4462,7 @@ def run_faults(hosts, fronts):
     return seen
 
 
-NGINX_HOSTS_CONF = """
-daemon off;
-master_process on;
-worker_processes 1;
-{user}
-pid {dir}/nginx.pid;
-error_log {dir}/error.log info;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-""" + NGINX_TEMP_PATHS + """\
+NGINX_HOSTS_CONF = NGINX_HEAD + """\
     # README.rst, "More than one machine"
     upstream app {{
         server 198.18.1.2:9000 max_fails=1 fail_timeout=2s;
