@@ -968,7 +968,7 @@ class Scoreboard:
     area for its requests in flight; slot 0, where the master folds the
     counts of workers that are gone, so that totals never go back."""
 
-    def __init__(self, slots: int = 128) -> None:
+    def __init__(self, slots: int = 1024) -> None:
         import mmap
         self.slots = slots
         self.width = len(SLOT_FIELDS)
@@ -1111,11 +1111,10 @@ def publish_requests(server) -> None:
                     or request_path(request.environ)),
         '%.3f' % request.started, waiting_in(request.greenlet)))
         for request in in_flight(server)])
-    for name, value in (('max_busy', sum(board.ints[
-            board.slot_base(slot) + _BUSY] for slot in range(
-                1, board.slots + 1))),
-                        ('max_listen_queue',
-                         _listen_queue(server.socket)[0])):
+    busy = sum(board.ints[board.slot_base(slot) + _BUSY]
+               for slot in range(1, board.slots + 1))
+    queue = _listen_queue(getattr(server, 'socket', None))[0]
+    for name, value in (('max_busy', busy), ('max_listen_queue', queue)):
         if value > board.get(name):
             board.add(name, value - board.get(name))
 
@@ -1131,7 +1130,7 @@ def status_report(server, full: bool = False) -> Dict:
     workers = board.workers()
     busy = sum(1 for worker in workers if worker['busy'])
     now = time.time()
-    queue, backlog = _listen_queue(server.socket)
+    queue, backlog = _listen_queue(getattr(server, 'socket', None))
     report = {
         'start time': board.get('started'),
         'start since': int(now) - board.get('started'),
@@ -3023,15 +3022,18 @@ class WorkerGroup:
         # would serve on.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, [
             getattr(signal, name) for name in self.SIGNALS])
-        slot = min(set(range(1, 1 + 128)) - {
+        slot = min(set(range(1, len(self.workers) + 2)) - {
             w.slot for w in self.workers.values()})
         try:
             # Not gevent.fork(): it starts a libev child watcher, and libev
             # then takes SIGCHLD from us: a dead worker would wait a poll.
             pid = gevent.os.fork_gevent()
             if pid == 0:
-                if self.server.scoreboard is not None:
-                    self.server.scoreboard.take_slot(slot, self.generation)
+                board = self.server.scoreboard
+                if board is not None and slot <= board.slots:
+                    board.take_slot(slot, self.generation)
+                elif board is not None:     # more workers than slots
+                    self.server.scoreboard = self.server.status_path = None
                 self._run_worker(heartbeat, mask)   # never returns
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
@@ -3071,7 +3073,7 @@ class WorkerGroup:
                 continue
             worker.heartbeat.close()
             board = self.server.scoreboard
-            if board is not None:
+            if board is not None and worker.slot <= board.slots:
                 board.free_slot(worker.slot)
                 if self.running:
                     board.add('restarts_' + (
