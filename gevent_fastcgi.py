@@ -3495,6 +3495,9 @@ class FastCGIServer(StreamServer):
         StreamServer.start(self)
         for extra in self.extra_listeners:
             extra.start()
+        board = self.scoreboard
+        if board is not None and not board.ints[board.base + _PID]:
+            board.take_slot(1, 0)       # serving without a master
         if (self.slow_request or self.scoreboard is not None
                 or isinstance(self.access_log, AccessLogFile)):
             # (the status page's requests in flight are this fresh)
@@ -3617,8 +3620,6 @@ class FastCGIServer(StreamServer):
             return Arbiter(self).run()
         if isinstance(self.request_handler, AppLoader):
             self.request_handler = self.request_handler.load()
-        if self.scoreboard is not None:
-            self.scoreboard.take_slot(1, 0)
         handlers = []
 
         if threading.current_thread() is threading.main_thread():

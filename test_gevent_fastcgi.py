@@ -1621,6 +1621,17 @@ class TestRequests:
         assert client.response(9).body == b'pong\n'
         assert calls == ['/ping']
 
+    def test_status_page_of_a_server_without_a_master(self, serve):
+        server = serve(hello_app, status_path='/status')
+        client = Client(server.address)
+        client.request(rid=1)
+        client.response(1)
+        client.request(rid=2, environ={'PATH_INFO': '/status',
+                                       'QUERY_STRING': 'json'})
+        report = json.loads(client.response(2).body)
+        assert report['requests'] == 1 and report['total processes'] == 1
+        assert report['requests in flight'] == 0
+
     def test_greenlets_are_still_reused(self, serve):
         seen = set()
 
