@@ -1100,6 +1100,7 @@ def in_flight(server) -> list:
             for request in list(connection.requests.values())
             if request.greenlet is not None and request.started]
 
+
 def publish_requests(server) -> None:
     """Our requests in flight to the scoreboard, with the frame each
     waits in; and samples of the most in flight and the listen queue."""
@@ -1111,12 +1112,11 @@ def publish_requests(server) -> None:
                     or request_path(request.environ)),
         '%.3f' % request.started, waiting_in(request.greenlet)))
         for request in in_flight(server)])
-    busy = sum(board.ints[board.slot_base(slot) + _BUSY]
-               for slot in range(1, board.slots + 1))
+    busy = sum(board.ints[board.slot_base(1) + _BUSY::board.width])
     queue = _listen_queue(getattr(server, 'socket', None))[0]
     for name, value in (('max_busy', busy), ('max_listen_queue', queue)):
-        if value > board.get(name):
-            board.add(name, value - board.get(name))
+        index = BOARD_FIELDS.index(name)
+        board.ints[index] = max(board.ints[index], value)
 
 
 def status_report(server, full: bool = False) -> Dict:
