@@ -3599,6 +3599,39 @@ class TestListeningSockets:
         assert mode == 0o775
 
 
+class TestUnixSocketPermissions:
+    def test_nginx_as_another_user_and_the_warning_that_says_so(self):
+        if os.geteuid() != 0:
+            pytest.skip('needs root: nginx runs its workers as nobody')
+        require('nginx')
+        folder = tempfile.mkdtemp(prefix='gevent-fastcgi-perm-')
+        os.chmod(folder, 0o755)
+        path = os.path.join(folder, 'app.sock')
+        try:
+            for args, status in (([], 502), (['--socket-mode', '0660',
+                                              '--socket-owner', ':nogroup'],
+                                             200)):
+                proc = start_server_process(
+                    ['--bind', 'unix:' + path] + args +
+                    ['test_gevent_fastcgi:e2e_app'])
+                assert wait_for(lambda: os.path.exists(path))
+                nginx = Nginx('unix:' + path)
+                try:
+                    assert nginx.request('GET', '/hello')[0] == status
+                    denied = 'Permission denied' in nginx.error_log()
+                finally:
+                    nginx.stop()
+                    assert stop_process(proc) == 0
+                log = proc.stdout.read().decode()
+                warned = 'gets "Permission denied" (502)' in log
+                assert warned == denied == (status == 502), log
+                if warned:
+                    assert '--socket-mode 0660 with --socket-owner ' \
+                        ':www-data' in log
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 class TestWebServerAddrs:
     @pytest.mark.parametrize('value, served', [
         ('127.0.0.1', True), ('10.1.2.3, 127.0.0.1', True),
@@ -3768,6 +3801,100 @@ class TestPrefork:
             assert proc.wait(10) == 0
         finally:
             stop_process(proc, signal.SIGKILL)
+
+
+def memory_of(pid):
+    """(RSS, PSS, private) bytes of a process, from /proc/PID/smaps_rollup."""
+    fields = {}
+    with open('/proc/%d/smaps_rollup' % pid) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) == 3 and parts[2] == 'kB':
+                fields[parts[0].rstrip(':')] = int(parts[1]) * 1024
+    return (fields['Rss'], fields['Pss'],
+            fields['Private_Clean'] + fields['Private_Dirty'])
+
+
+class TestPreload:
+    def test_workers_share_the_masters_copy_of_the_application(
+            self, tmp_path):
+        (tmp_path / 'big_app.py').write_text(
+            'import os\nBLOB = b"\\x01" * (100 << 20)   # 100 MB at import\n'
+            'def app(environ, start_response):\n'
+            '    start_response("200 OK", [])\n'
+            '    return [b"%d" % os.getpid()]\n')
+        measured = {}
+        for preload in (['--preload'], []):
+            master = Master('--workers', '4', *preload, app='big_app:app',
+                            cwd=str(tmp_path))
+            try:
+                assert master.wait_workers(4)
+                pids = master.workers()
+                assert wait_for(lambda: len({get_pid(
+                    master.address, '/') for _ in range(40)}) == 4, 20)
+                measured[bool(preload)] = [memory_of(pid) for pid in pids]
+                master_memory = memory_of(master.proc.pid)
+            finally:
+                assert master.stop() == 0
+            if preload:
+                assert master_memory[0] > 100 << 20     # the one copy
+        mib = lambda n: n / (1 << 20)
+        for preload, workers in measured.items():
+            print('preload=%s: RSS %s MiB, PSS %s MiB, private %s MiB per '
+                  'worker' % (preload, [round(mib(m[0])) for m in workers],
+                              [round(mib(m[1])) for m in workers],
+                              [round(mib(m[2])) for m in workers]))
+        assert all(private < 30 << 20 for _, _, private in measured[True])
+        assert all(private > 100 << 20 for _, _, private in measured[False])
+        assert sum(m[1] for m in measured[True]) < \
+            sum(m[1] for m in measured[False]) - (250 << 20)
+
+
+class TestSystemdNotify:
+    """NOTIFY_SOCKET: a datagram socket of the test's stands in for
+    systemd."""
+
+    @staticmethod
+    def listen(path):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(path)
+        sock.settimeout(15)
+        return sock
+
+    def test_master_ready_reloading_stopping(self, tmp_path):
+        systemd = self.listen(str(tmp_path / 'notify'))
+        master = Master('--workers', '2', env={
+            'NOTIFY_SOCKET': str(tmp_path / 'notify')})
+        try:
+            ready = systemd.recv(4096).decode()
+            # sent once the workers serve
+            assert ready == 'READY=1\nMAINPID=%d' % master.proc.pid
+            assert len(master.workers()) == 2
+            assert master.log_count('exited') == 0
+            master.signal(signal.SIGHUP)
+            assert systemd.recv(4096) == b'RELOADING=1'
+            assert systemd.recv(4096).decode() == ready
+            # the new generation serves: the old one is retiring
+            assert wait_for(lambda: master.log_count(
+                'replaced by generation 1') == 2)
+        finally:
+            assert master.stop() == 0
+        assert systemd.recv(4096) == b'STOPPING=1'
+        systemd.close()
+
+    def test_single_process_and_an_abstract_socket(self):
+        name = '@gevent-fastcgi-test-%d' % os.getpid()
+        systemd = self.listen('\0' + name[1:])
+        port = free_port()
+        proc = start_server_process(['--bind', '127.0.0.1:%d' % port],
+                                    port, env={'NOTIFY_SOCKET': name})
+        try:
+            assert systemd.recv(4096).decode() == 'READY=1\nMAINPID=%d' % (
+                proc.pid)
+        finally:
+            assert stop_process(proc) == 0
+        assert systemd.recv(4096) == b'STOPPING=1'
+        systemd.close()
 
 
 LIGHT_APP = '''
@@ -4978,6 +5105,19 @@ class TestCommandLine:
         assert b'on 127.0.0.1:%d' % port in proc.stdout.read()
 
 
+class TestMonkeyPatching:
+    def test_the_log_says_whether_the_process_is_monkey_patched(self):
+        for args, line in (([], 'not monkey-patched: a blocking call'),
+                           (['--monkey-patch', 'all'],
+                            'monkey-patched: socket, ssl, time, select, '
+                            'threading')):
+            port = free_port()
+            proc = start_server_process(['--bind', '127.0.0.1:%d' % port]
+                                        + args, port)
+            assert stop_process(proc) == 0
+            assert line in proc.stdout.read().decode()
+
+
 # ---------------------------------------------------------------------------
 # 16. Django management command
 # ---------------------------------------------------------------------------
@@ -5030,6 +5170,46 @@ class TestDjango:
         log = proc.stdout.read().decode()
         assert 'Traceback' not in log, log
         assert 'worker' in log
+
+
+    def test_every_option_and_static_urls_under_a_prefix(self, tmp_path):
+        require_module('django')
+        project = tmp_path / 'project'
+        project.mkdir()
+        subprocess.run([sys.executable, '-m', 'django', 'startproject',
+                        'mysite', str(project)], check=True)
+        settings_py = project / 'mysite' / 'settings.py'
+        settings_py.write_text(settings_py.read_text().replace(
+            "'django.contrib.staticfiles',", "'django.contrib.staticfiles',"
+            "\n    'gevent_fastcgi.DjangoAppConfig',"))
+        port = free_port()
+        # run from elsewhere: --chdir takes it to the project
+        proc = subprocess.Popen(
+            [sys.executable, str(project / 'manage.py'), 'run_gevent_fastcgi',
+             '127.0.0.1:%d' % port, '--script-name', '/myapp', '--chdir',
+             str(project), '--monkey-patch', 'all', '--workers', '2'],
+            cwd=str(tmp_path), env=dict(
+                 os.environ, PYTHONPATH=HERE), stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT)
+        STARTED.append(proc)
+        wait_for_port(port, proc=proc)
+        environ = {'PATH_INFO': '/myapp/admin/login/', 'SCRIPT_NAME': '',
+                   'HTTP_HOST': 'localhost', 'SERVER_NAME': 'localhost'}
+        client = Client(('127.0.0.1', port), timeout=10)
+        try:
+            client.request(environ=environ, keep_conn=False)
+            response = client.response()
+        finally:
+            client.close()
+        assert stop_process(proc) == 0
+        log = proc.stdout.read().decode()
+        assert response.status == 200, log
+        # Django's system checks ran with the prefix in place
+        assert b'href="/myapp/static/admin/css/base.css"' in response.body
+        assert b'"/static/' not in response.body
+        assert 'System check identified no issues' not in log
+        assert 'monkey-patched: socket' in log
+        assert 'Traceback' not in log, log
 
 
 # ---------------------------------------------------------------------------
