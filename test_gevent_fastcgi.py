@@ -574,10 +574,23 @@ def steady_load(request, duration, threads=4):
 
 def readme_python_blocks():
     """The ``.. code:: python`` blocks of README.rst, dedented."""
+    return readme_blocks('python')
+
+
+def readme_config(language, marker):
+    """The README.rst block of ``language`` that holds ``marker``: its web
+    server configurations are the ones the tests run."""
+    found = [block for block in readme_blocks(language) if marker in block]
+    assert len(found) == 1, (language, marker)
+    return found[0]
+
+
+def readme_blocks(language):
+    """The ``.. code:: LANGUAGE`` blocks of README.rst, dedented."""
     with open(os.path.join(HERE, 'README.rst'), encoding='utf-8') as f:
         text = f.read()
     blocks = []
-    for part in text.split('.. code:: python\n')[1:]:
+    for part in text.split('.. code:: %s\n' % language)[1:]:
         lines = []
         for line in part.splitlines()[1:]:
             if line.strip() and not line.startswith('    '):
@@ -634,14 +647,11 @@ NGINX_CONF = NGINX_HEAD + """    upstream app {{
 """
 
 
-# What README.rst recommends for a WSGI app mounted at /.
-# What bench/ sends, and what a TLS front and the peer's port add.
-NGINX_PARAMS = FASTCGI_PARAMS + """\
-            fastcgi_param REQUEST_SCHEME $scheme;
-            fastcgi_param HTTPS $https if_not_empty;
-            fastcgi_param REMOTE_PORT $remote_port;
-            fastcgi_param SERVER_ADDR $server_addr;
-"""
+# README.rst's params for a WSGI app mounted at /.
+NGINX_PARAMS = ''.join(
+    '            %s\n' % line.strip() for line in readme_config(
+        'nginx', 'server 127.0.0.1:9000;').splitlines()
+    if line.strip().startswith('fastcgi_param '))
 
 
 # An app at /prefix behind Debian's stock fastcgi_params (which sets
@@ -760,15 +770,10 @@ LoadModule mpm_event_module /usr/lib/apache2/modules/mod_mpm_event.so
 LoadModule authz_core_module /usr/lib/apache2/modules/mod_authz_core.so
 LoadModule proxy_module /usr/lib/apache2/modules/mod_proxy.so
 LoadModule proxy_fcgi_module /usr/lib/apache2/modules/mod_proxy_fcgi.so
-AllowEncodedSlashes NoDecode
 ProxyPass "/prefix/" "fcgi://{prefix_upstream}/" enablereuse=on
-ProxyPass "/" "{upstream}" enablereuse=on flushpackets=on
-<LocationMatch "^/(?!prefix/)">
-    # without these Apache sends the whole path as SCRIPT_NAME
-    ProxyFCGISetEnvIf "true" SCRIPT_NAME ""
-    ProxyFCGISetEnvIf "true" PATH_INFO "%{{REQUEST_URI}}"
-</LocationMatch>
 """
+# and README.rst's, for the app at /
+APACHE_README = readme_config('apache', 'ProxyPass "/"')
 
 
 class Apache(WebServer):
@@ -783,8 +788,9 @@ class Apache(WebServer):
             upstream = 'fcgi://%s:%d/' % upstream
         user = 'User www-data\nGroup www-data' if os.geteuid() == 0 else ''
         conf = self.write('httpd.conf', APACHE_CONF.format(
-            dir=self.dir, port=self.port, user=user, upstream=upstream,
-            prefix_upstream='%s:%d' % prefix_upstream))
+            dir=self.dir, port=self.port, user=user,
+            prefix_upstream='%s:%d' % prefix_upstream) + APACHE_README.replace(
+                'fcgi://127.0.0.1:9000/', upstream))
         self.launch([binary, '-f', conf, '-DFOREGROUND'])
 
     ERROR_MARKS = (':error]', ':crit]', ':alert]', ':emerg]')
@@ -796,20 +802,14 @@ server.bind = "127.0.0.1"
 server.port = {port}
 server.pid-file = "{dir}/lighttpd.pid"
 server.errorlog = "{dir}/error.log"
-server.modules = ("mod_fastcgi")
-server.stream-response-body = 2
 server.max-request-size = 0
-fastcgi.server = (
-    "/prefix/" => ((
-        "host" => "127.0.0.1", "port" => {prefix_port},
-        "check-local" => "disable",
-    )),
-    "/" => (({backend}
-        "check-local" => "disable",
-        "fix-root-scriptname" => "enable",
-    )),
-)
+fastcgi.server = ("/prefix/" => ((
+    "host" => "127.0.0.1", "port" => {prefix_port}, "check-local" => "disable",
+)))
 """
+# and README.rst's, for the app at / (the second: lighttpd starts us)
+LIGHTTPD_README = readme_config('lighttpd', '"port" => 9000')
+LIGHTTPD_README_SPAWN = readme_config('lighttpd', 'bin-path')
 
 
 class Lighttpd(WebServer):
@@ -821,17 +821,23 @@ class Lighttpd(WebServer):
         if spawn:
             # lighttpd binds the socket and starts us with it on fd 0
             self.spawned_socket = os.path.join(self.dir, 'app.sock')
-            backend = ('"socket" => "%s", "bin-path" => "%s -m gevent_fastcgi '
-                       'test_gevent_fastcgi:e2e_app", "bin-environment" => '
-                       '("PYTHONPATH" => "%s"), "max-procs" => 1,'
-                       % (self.spawned_socket, sys.executable, HERE))
-        elif isinstance(upstream, str):
-            backend = '"socket" => "%s",' % upstream
+            # (the first block's other lines, its fastcgi.server replaced)
+            ours = LIGHTTPD_README.split('fastcgi.server')[0] + (
+                LIGHTTPD_README_SPAWN.replace(
+                    '/run/app.sock', self.spawned_socket).replace(
+                    '/usr/bin/python3', sys.executable).replace(
+                    'myproject.wsgi:application',
+                    'test_gevent_fastcgi:e2e_app').replace(
+                    '/srv/myproject', HERE))
         else:
-            backend = '"host" => "%s", "port" => %d,' % upstream
+            ours = LIGHTTPD_README.replace(
+                '"host" => "127.0.0.1", "port" => 9000,',
+                '"socket" => "%s",' % upstream if isinstance(upstream, str)
+                else '"host" => "%s", "port" => %d,' % upstream)
+        # (after the /prefix/ app: lighttpd takes the first that matches)
         conf = self.write('lighttpd.conf', LIGHTTPD_CONF.format(
-            dir=self.dir, port=self.port, backend=backend,
-            prefix_port=prefix_upstream[1]))
+            dir=self.dir, port=self.port, prefix_port=prefix_upstream[1])
+            + ours.replace('fastcgi.server = (', 'fastcgi.server += ('))
         self.launch([binary, '-D', '-f', conf])
 
     ERROR_MARKS = ('error', 'Error')
@@ -845,13 +851,6 @@ defaults
     timeout connect 5s
     timeout client 60s
     timeout server 60s
-fcgi-app app
-    docroot /
-    path-info ^()(/.*)$
-    option keep-conn
-    option mpxs-conns
-    option max-reqs 100
-    option get-values
 fcgi-app prefixapp
     docroot /
     path-info ^()(/.*)$
@@ -860,14 +859,14 @@ frontend fe
     bind 127.0.0.1:{port}
     use_backend prefix if {{ path_beg /prefix/ }}
     default_backend app
-backend app
-    use-fcgi-app app
-    http-reuse always
-    server s1 {upstream} proto fcgi
 backend prefix
     use-fcgi-app prefixapp
     server s1 {prefix_upstream} proto fcgi
 """
+
+
+# and README.rst's, for the app at /
+HAPROXY_README = readme_config('text', 'server s1 127.0.0.1:9000 proto fcgi')
 
 
 class HAProxy(WebServer):
@@ -879,8 +878,9 @@ class HAProxy(WebServer):
         upstream = (upstream if isinstance(upstream, str)
                     else '%s:%d' % upstream)
         conf = self.write('haproxy.cfg', HAPROXY_CONF.format(
-            dir=self.dir, port=self.port, upstream=upstream,
-            prefix_upstream='%s:%d' % prefix_upstream))
+            dir=self.dir, port=self.port,
+            prefix_upstream='%s:%d' % prefix_upstream) + HAPROXY_README.replace(
+                '127.0.0.1:9000', upstream))
         self.launch([binary, '-f', conf, '-db'])
 
     def errors(self):
@@ -5116,6 +5116,34 @@ class TestMonkeyPatching:
                                         + args, port)
             assert stop_process(proc) == 0
             assert line in proc.stdout.read().decode()
+
+    def test_a_blocking_call_holds_up_its_process_unless_patched(
+            self, tmp_path):
+        # README.rst's figures: two requests at once to an app that calls
+        # time.sleep(2), one process
+        (tmp_path / 'sleepy.py').write_text(
+            'import time\n'
+            'def app(environ, start_response):\n'
+            '    time.sleep(2)\n'
+            '    start_response("200 OK", [])\n'
+            '    return [b"slept"]\n')
+        took = {}
+        for args in ([], ['--monkey-patch', 'all']):
+            port = free_port()
+            proc = start_server_process(
+                ['--bind', '127.0.0.1:%d' % port, '--chdir', str(tmp_path)]
+                + args + ['sleepy:app'], port)
+            try:
+                started = time.monotonic()
+                bodies = steady_load(lambda: raw_get(
+                    ('127.0.0.1', port), timeout=10).body, 0.01, threads=2)
+                took[bool(args)] = time.monotonic() - started
+                assert bodies == [b'slept', b'slept']
+            finally:
+                assert stop_process(proc) == 0
+        print('two requests at once: %.2f s, with --monkey-patch all %.2f s'
+              % (took[False], took[True]))
+        assert took[False] >= 3.9 and took[True] < 3.0
 
 
 # ---------------------------------------------------------------------------
