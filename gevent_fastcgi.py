@@ -563,7 +563,7 @@ class InputStream:
         if self._file is not None:
             self._file.close()
             self._file = None
-        if not self.eof:
+        if not self.eof or self.received > self._pos:     # a reader is owed
             self.fail(ConnectionClosed('request has ended'))
 
     # -- the reader's side --------------------------------------------------
@@ -1250,10 +1250,10 @@ _getweakrefcount = weakref.getweakrefcount
 
 
 class RequestGreenlets:
-    """Run requests in greenlets that then wait for the next request: a new
-    greenlet's first switch costs about 9.5 us, a third of a small request's
-    work; a parked one's next request, about 1 us (timeit, greenlet 3.5).
-    At most ``spare`` wait parked.
+    """Run requests in greenlets that then wait for the next request (at
+    most ``spare`` wait parked): a new greenlet's first switch costs about
+    9.5 us, a third of a small request's work; a parked one's next request,
+    about 1 us (timeit, greenlet 3.5).
 
     Nothing a request leaves behind reaches a later one: each runs in a
     fresh contextvars.Context; a cancellation reaches only the request it
@@ -1269,7 +1269,8 @@ class RequestGreenlets:
         self.clean_refs = None  # references to a parked greenlet, no more
         self._probe = greenlet.greenlet(self._serve, parent=self.hub)
         self._probe.request = None
-        self.hub.loop.run_callback(self._probe.switch, _no_request, None)
+        self.hub.loop.run_callback(self._probe.switch, lambda request: None,
+                                   None)       # (runs nothing)
 
     def start(self, function, request) -> 'greenlet.greenlet':
         """Run function(request) soon, in a parked greenlet or a new one."""
@@ -1322,10 +1323,6 @@ class RequestGreenlets:
                 if current in self.parked:
                     self.parked.remove(current)
                 return
-
-
-def _no_request(request) -> None:
-    """What the probe of RequestGreenlets runs."""
 
 
 class Request:
@@ -1903,7 +1900,7 @@ class Connection:
         if self.closing or self.closed:
             return      # our side is shut: the web server will see the close
         server = self.server
-        if role not in server.roles:
+        if role not in server.role:
             protocol_status, why = FCGI_UNKNOWN_ROLE, 'unknown role %d' % role
         elif server.active_requests >= server.max_reqs or self.abandoned:
             protocol_status, why = FCGI_OVERLOADED, (
@@ -2108,24 +2105,20 @@ class ErrorStream:
 
 def _wsgi_url_scheme(environ: Dict[str, str]) -> str:
     # Web servers say HTTPS as "on", "ON", "1", or only through REQUEST_SCHEME.
-    if (environ.get('HTTPS', '').lower() in _HTTPS_ON
-            or environ.get('REQUEST_SCHEME', '').lower() == 'https'):
-        return 'https'
-    return 'http'
+    return 'https' if (environ.get('HTTPS', '').lower() in _HTTPS_ON or
+                       environ.get('REQUEST_SCHEME', '').lower() == 'https') \
+        else 'http'
 
 
 _CGI_DEFAULTS = {'SCRIPT_NAME': '', 'PATH_INFO': '', 'QUERY_STRING': '',
                  'REQUEST_METHOD': 'GET', 'SERVER_PROTOCOL': 'HTTP/1.1',
                  'SERVER_NAME': 'localhost', 'SERVER_PORT': '80'}
 _WSGI_CONSTANTS = {
-    'wsgi.version': (1, 0),
+    'wsgi.version': (1, 0), 'wsgi.run_once': False,
     # Greenlets run requests concurrently in one process: for the
     # application that is what threads would be.
-    'wsgi.multithread': True,
-    'wsgi.run_once': False,
-    'wsgi.file_wrapper': FileWrapper,
-    'wsgi.input_terminated': True,
-}
+    'wsgi.multithread': True, 'wsgi.file_wrapper': FileWrapper,
+    'wsgi.input_terminated': True}
 
 
 class WSGIRequestHandler:
@@ -2390,7 +2383,6 @@ def _to_number(text, kind, what: str, least=0, positive=False):
 def _to_int(least: int):
     def convert(text) -> int:
         return _to_number(text, int, 'a whole number', least)
-    convert.__name__ = 'int'
     return convert
 
 
@@ -2404,17 +2396,11 @@ def _to_seconds(text) -> float:
 
 def _to_mode(text) -> int:
     """0660, 660, 0o660: octal (an int is taken as it is)."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        value = text
-    else:
-        digits = str(text).strip().lower()
-        if digits.startswith('0o'):
-            digits = digits[2:]
-        try:
-            value = int(digits, 8)
-        except ValueError:
-            raise ValueError('%r is not an octal file mode such as 0660'
-                             % (text,)) from None
+    try:
+        value = text if type(text) is int else int(str(text).strip(), 8)
+    except ValueError:
+        raise ValueError('%r is not an octal file mode such as 0660'
+                         % (text,)) from None
     if not 0 <= value <= 0o777:
         raise ValueError('%r is not a file mode between 000 and 777' % (text,))
     return value
@@ -2436,9 +2422,8 @@ def _to_role(value) -> frozenset:
 
 
 def _to_workers(text) -> int:
-    if str(text).strip().lower() == 'auto':
-        return len(os.sched_getaffinity(0))
-    return _to_int(1)(text)
+    return (len(os.sched_getaffinity(0)) if str(text).strip().lower() == 'auto'
+            else _to_int(1)(text))
 
 
 def _to_script_name(text) -> str:
@@ -2455,16 +2440,13 @@ def _to_path(text) -> str:
 
 
 def _to_access_log(value):
-    if value is None or isinstance(value, bool):
-        return value
-    return str(value)
+    return value if value is None or isinstance(value, bool) else str(value)
 
 
 def _optional(convert):
     """For settings where None means something (no limit, off)."""
     def convert_optional(value):
         return None if value is None else convert(value)
-    convert_optional.__name__ = getattr(convert, '__name__', 'value')
     convert_optional.takes_none = True
     return convert_optional
 
@@ -2591,11 +2573,6 @@ def convert_setting(where: str, name: str, convert, value):
                          % (where, name, exc)) from None
 
 
-def convert_options(settings: Dict, where: str) -> Dict:
-    """Settings as text (Paste ini) -> FastCGIServer keywords, those given."""
-    converted = server_settings(settings, where)
-    return {name: converted[name] for name in settings}
-
 
 def needs_master(settings: Dict) -> bool:
     """Do these settings run workers under a master?  When asked, for
@@ -2647,7 +2624,6 @@ def load_app(spec: str):
     name = (name[:-2] if call else name) or 'application'
     obj = pkgutil.resolve_name('%s:%s' % (module_name, name))
     return obj() if call else obj
-
 
 
 WORKER_BOOT_ERROR = 3
@@ -2732,10 +2708,9 @@ def create_listener(address, backlog: int = 128, socket_mode=None):
         raise ValueError('address must be (host, port) or a unix socket '
                          'path, not %r' % (address,))
     host, port = address[:2]
-    infos = _stdlib_socket.getaddrinfo(
+    family, socktype, proto, _, sockaddr = _stdlib_socket.getaddrinfo(
         host or None, port, _stdlib_socket.AF_UNSPEC,
-        _stdlib_socket.SOCK_STREAM, 0, _stdlib_socket.AI_PASSIVE)
-    family, socktype, proto, _, sockaddr = infos[0]
+        _stdlib_socket.SOCK_STREAM, 0, _stdlib_socket.AI_PASSIVE)[0]
     sock = gevent.socket.socket(family, socktype, proto)
     try:
         sock.setsockopt(_stdlib_socket.SOL_SOCKET,
@@ -2822,15 +2797,13 @@ def inherited_addresses() -> List[int]:
         return list(range(3, 3 + count))
     try:
         probe = _stdlib_socket.socket(fileno=FCGI_LISTENSOCK_FILENO)
+        try:
+            listening = probe.getsockopt(_stdlib_socket.SOL_SOCKET,
+                                         _stdlib_socket.SO_ACCEPTCONN)
+        finally:
+            probe.detach()
     except OSError:
         return []
-    try:
-        listening = probe.getsockopt(_stdlib_socket.SOL_SOCKET,
-                                     _stdlib_socket.SO_ACCEPTCONN)
-    except OSError:
-        listening = False
-    finally:
-        probe.detach()
     return [FCGI_LISTENSOCK_FILENO] if listening else []
 
 
@@ -2838,9 +2811,7 @@ def describe_address(address) -> str:
     if isinstance(address, int):
         return 'fd://%d' % address
     if isinstance(address, tuple):
-        host = address[0]
-        return '[%s]:%d' % (host, address[1]) if ':' in host \
-            else '%s:%d' % (host, address[1])
+        return ('[%s]:%d' if ':' in address[0] else '%s:%d') % address[:2]
     return 'unix:%s' % address
 
 
@@ -2875,14 +2846,6 @@ def tune_malloc(keep_free: int = 4 * DEFAULT_SPOOL_SIZE) -> None:
         pass
 
 
-def error_stream():
-    """Where the server's own log goes: the root logger's first file, or
-    stderr."""
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler) and handler.stream:
-            return handler.stream
-    return sys.stderr
-
 
 def reopen_log_files() -> None:
     """SIGUSR1 (logrotate's, as for nginx and gunicorn): reopen log files."""
@@ -2891,14 +2854,11 @@ def reopen_log_files() -> None:
                                         if isinstance(log, logging.Logger)]:
         for handler in log.handlers:
             if isinstance(handler, logging.FileHandler):
-                handler.acquire()
-                try:
+                with handler.lock:
                     handler.flush()
                     if handler.stream is not None:
                         handler.stream.close()
                     handler.stream = handler._open()
-                finally:
-                    handler.release()
 
 
 def handle_signals(server, reload: str, worker: bool = False) -> list:
@@ -3224,15 +3184,12 @@ class Arbiter(WorkerGroup):
     def handle_winch(self) -> None:
         logger.info('master %d: SIGWINCH ignored', os.getpid())
 
-    def handle_ttin(self) -> None:
-        self.num_workers += 1
+    def handle_ttin(self, change: int = 1) -> None:
+        self.num_workers = max(1, self.num_workers + change)
         logger.info('master %d: %d workers', os.getpid(), self.num_workers)
 
     def handle_ttou(self) -> None:
-        if self.num_workers > 1:
-            self.num_workers -= 1
-            logger.info('master %d: %d workers', os.getpid(),
-                        self.num_workers)
+        self.handle_ttin(-1)
 
     def _close_listeners(self) -> None:
         """Our copies of the listening sockets close before the workers'
@@ -3345,9 +3302,11 @@ def _heartbeat(server, fd: int, master: int):
     def beat():
         if os.getppid() == master:
             os.utime(fd)
-            if timeout:
-                faulthandler.dump_traceback_later(timeout - interval,
-                                                  file=error_stream())
+            if timeout:     # to the root logger's first file, or stderr
+                faulthandler.dump_traceback_later(timeout - interval, file=next(
+                    (handler.stream for handler in logging.getLogger().handlers
+                     if isinstance(handler, logging.FileHandler)
+                     and handler.stream), sys.stderr))
             return
         logger.error('worker %d: master %d is gone: stopping', os.getpid(),
                      master)
@@ -3414,7 +3373,6 @@ class FastCGIServer(StreamServer):
         self.request_handler = request_handler
         for name, value in settings.items():
             setattr(self, name, value)
-        self.roles = settings['role']
         self.requests_served = 0
         self.web_server_addrs = _web_server_addrs()
         self.scoreboard = Scoreboard() if self.status_path else None
@@ -3693,7 +3651,8 @@ def _paste_runner(handler_name: str):
                                if k.startswith(MONKEY_PREFIX)]
                    if convert_setting(where, key, _to_bool,
                                       settings.pop(key))]
-        options = convert_options(settings, where)
+        options = {name: value for name, value in server_settings(
+            settings, where).items() if name in settings}
         if path and (host or port):
             raise ValueError('%s: give either socket or host and port, not '
                              'both' % where)
@@ -3828,7 +3787,6 @@ def _checked(convert):
             return convert(text)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
-    parse.__name__ = getattr(convert, '__name__', 'value')
     return parse
 
 
@@ -3871,8 +3829,8 @@ def prepare(opts: Dict, error) -> None:
     the application: logging, --monkey-patch, --chdir."""
     try:
         configure_logging(opts['log_level'], opts['error_log'])
-    except OSError as exc:
-        error('--error-log: %s' % exc)
+    except (OSError, AttributeError) as exc:
+        error('--log-level, --error-log: %s' % exc)
     if opts['monkey_patch']:
         try:
             monkey_patch(name.strip() for name in opts['monkey_patch'].split(
@@ -3903,7 +3861,8 @@ def build_parser():
         description='Serve a WSGI application (or a FastCGI request handler) '
                     'over FastCGI. Without APP, a demo page that shows each '
                     'request. "python -m gevent_fastcgi request --help": the '
-                    'built-in FastCGI client.')
+                    'built-in FastCGI client. %s adds arguments before these.'
+                    % ENV_ARGS)
     parser.add_argument('app', nargs='?', metavar='APP',
                         help='module:name of the WSGI application (or '
                              'module:factory() to call a factory); default: '
@@ -3918,6 +3877,12 @@ def build_parser():
     parser.add_argument('--preload', action='store_true', help='the master '
                         'imports APP: workers share its memory; HUP cannot '
                         'load new code')
+    parser.add_argument('-c', '--config', metavar='FILE', help='a Python file '
+                        'that sets these by the names --print-config shows')
+    parser.add_argument('--check-config', action='store_true', help='load '
+                        'the settings and APP, then exit: 0, or 1 and why')
+    parser.add_argument('--print-config', action='store_true',
+                        help='print the settings in effect, and exit')
     parser.add_argument('--version', action='version',
                         version='gevent_fastcgi %s' % __version__)
     return parser
@@ -3983,31 +3948,81 @@ def client_main(argv) -> int:
         return 1
 
 
+ENV_ARGS = 'GEVENT_FASTCGI_CMD_ARGS'    # gunicorn's GUNICORN_CMD_ARGS
+
+
+def read_config(path: str, parser) -> Dict:
+    """--config FILE (gunicorn's -c): a Python file whose public names are
+    settings, named as --print-config shows them; the command line wins.
+    (A name starting with _, or a module, is the file's own.)"""
+    import types
+    namespace = {'__file__': os.path.abspath(path)}
+    try:
+        with open(path, 'rb') as file:
+            exec(compile(file.read(), path, 'exec'), namespace)
+    except Exception as exc:
+        parser.error('--config %s: %s: %s' % (path, type(exc).__name__, exc))
+    settings = {name: value for name, value in namespace.items()
+                if not (name.startswith('_')
+                        or isinstance(value, types.ModuleType))}
+    unknown = sorted(set(settings) - set(vars(parser.parse_args([]))))
+    if unknown:
+        parser.error('--config %s: %s: no such setting (--print-config lists '
+                     'them)' % (path, ', '.join(unknown)))
+    return settings
+
+
 def main(argv=None) -> int:
+    import shlex
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ['request']:
         return client_main(argv[1:])
     parser = build_parser()
+    argv = shlex.split(os.environ.get(ENV_ARGS, '')) + argv
     args = parser.parse_args(argv)
+    if args.config:
+        settings = read_config(args.config, parser)
+        binds = settings.pop('bind', None)
+        parser.set_defaults(**settings)
+        args = parser.parse_args(argv)
+        try:
+            args.bind = args.bind or [parse_address(bind) if isinstance(
+                bind, str) else bind for bind in ([binds] if isinstance(
+                    binds, (str, tuple)) else binds or ())] or None
+        except ValueError as exc:
+            parser.error('bind: %s' % exc)
+    options = server_options(vars(args))
+    try:
+        settings = dict(vars(args), **server_settings(options, 'settings'))
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.print_config:
+        for name in sorted(set(vars(args)) - {'config', 'print_config',
+                                              'check_config'}):
+            print('%s = %r' % (name, settings[name]))
+        return 0
     prepare(vars(args), parser.error)
     if args.chdir or args.app:
         sys.path.insert(0, os.getcwd())
-    options = server_options(vars(args))
-    if args.app and needs_master(options) and not args.preload:
-        # Workers import APP, the master never does: a reload's fresh
-        # workers then import fresh code.
-        app = AppLoader(args.app, args.handler, args.debug)
-    elif args.app:
-        try:
-            app = load_app(args.app)
-        except Exception as exc:
-            logger.error('cannot load APP %r: %s: %s', args.app,
-                         type(exc).__name__, exc)
-            return 1
-    else:
-        if args.handler == 'fastcgi':
-            parser.error('--handler fastcgi needs APP')
-        app = demo_app
+    if args.handler == 'fastcgi' and not args.app:
+        parser.error('--handler fastcgi needs APP')
+    try:
+        if args.app and needs_master(options) and not (args.preload
+                                                       or args.check_config):
+            # Workers import APP, the master never does: a reload's fresh
+            # workers then import fresh code.
+            app = AppLoader(args.app, args.handler, args.debug)
+        else:
+            app = load_app(args.app) if args.app else demo_app
+            if args.check_config:
+                make_handler(args.handler, app, args.debug)
+    except Exception as exc:
+        logger.error('cannot load APP %r: %s: %s', args.app,
+                     type(exc).__name__, exc)
+        return 1
+    if args.check_config:
+        print('gevent_fastcgi: the settings and the application load')
+        return 0
     address = args.bind or inherited_addresses() or [('127.0.0.1', 9000)]
     try:
         return run_server(app, address, args.handler, args.debug,
@@ -4033,13 +4048,7 @@ def install_django_command() -> None:
     from django.core.management import get_commands
     command = types.ModuleType('%s.management.commands.%s'
                                % (__name__, DJANGO_COMMAND))
-
-    def command_getattr(name):
-        if name == 'Command':
-            command.Command = _django_command_class()
-            return command.Command
-        raise AttributeError(name)
-    command.__getattr__ = command_getattr
+    command.Command = _django_command_class()
     for name in ('management', 'management.commands'):
         sys.modules.setdefault('%s.%s' % (__name__, name),
                                types.ModuleType('%s.%s' % (__name__, name)))
@@ -4168,12 +4177,7 @@ def install_original_import_paths() -> None:
         sys.modules.setdefault('%s.%s' % (__name__, name), module)
     interfaces = types.ModuleType(__name__ + '.interfaces',
                                   'IRequest and IRequestHandler (zope)')
-
-    def interfaces_getattr(name):
-        if name in ('IRequest', 'IRequestHandler'):
-            return _declare_interfaces()[name]
-        raise AttributeError(name)
-    interfaces.__getattr__ = interfaces_getattr
+    interfaces.__getattr__ = __getattr__        # made when asked for
     sys.modules.setdefault(interfaces.__name__, interfaces)
 
 

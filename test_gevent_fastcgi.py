@@ -1244,6 +1244,23 @@ class TestInputStream:
         assert stream.readlines() == [b'bb\n', b'ccc\n']
         assert stream.read(10) == b''
 
+    def test_a_body_unread_when_its_request_ended_is_not_read(self):
+        # the connection went while the handler had yet to read a whole
+        # body: its next read is ConnectionClosed (run_request's "aborted"),
+        # never a failure of the application's (it was an IndexError)
+        stream = fcgi.InputStream()
+        stream.feed(b'the whole body')
+        stream.feed_eof()
+        assert stream.read(4) == b'the '
+        stream.close()
+        for read in (stream.read, stream.readline):
+            with pytest.raises(fcgi.ConnectionClosed):
+                read()
+        empty = fcgi.InputStream()     # one read to its end stays readable
+        empty.feed_eof()
+        empty.close()
+        assert empty.read() == b''
+
     def test_big_body_is_spooled_to_disk(self):
         stream = fcgi.InputStream(spool_size=64 * 1024)
         chunk = os.urandom(32768)
@@ -4801,9 +4818,11 @@ gevent.monkey.patch_time = off
 
 class TestPaste:
     def test_options_are_converted(self):
-        assert fcgi.convert_options({'socket_mode': '0660', 'max_reqs': '10',
-                                     'role': 'responder, filter',
-                                     'stop_timeout': '2.5'}, 'x') == {
+        settings = fcgi.server_settings({
+            'socket_mode': '0660', 'max_reqs': '10',
+            'role': 'responder, filter', 'stop_timeout': '2.5'}, 'x')
+        assert {name: settings[name] for name in (
+            'socket_mode', 'max_reqs', 'role', 'stop_timeout')} == {
             'socket_mode': 0o660, 'max_reqs': 10,
             'role': frozenset({FCGI_RESPONDER, FCGI_FILTER}),
             'stop_timeout': 2.5}
@@ -5105,6 +5124,83 @@ class TestCommandLine:
         assert b'on 127.0.0.1:%d' % port in proc.stdout.read()
 
 
+class TestConfigFile:
+    """--config (gunicorn's -c), GEVENT_FASTCGI_CMD_ARGS, --check-config,
+    --print-config: flags over the environment over the file."""
+
+    def test_flags_win_over_the_environment_over_the_file(self, tmp_path):
+        config = tmp_path / 'conf.py'
+        config.write_text(
+            'import os\n'
+            'num_workers = 2\nmax_requests = 100\nread_timeout = "30"\n'
+            'role = "responder, authorizer"\nbind = "127.0.0.1:9123"\n'
+            '_helper = os.getcwd()\n')
+        result = subprocess.run(
+            [sys.executable, '-m', 'gevent_fastcgi', '--config',
+             str(config), '--workers', '3', '--print-config'], cwd=HERE,
+            env=dict(os.environ, PYTHONPATH=HERE, GEVENT_FASTCGI_CMD_ARGS=
+                     '--max-requests 5 --workers 4'),
+            capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        for line in ('num_workers = 3', 'max_requests = 5',
+                     'read_timeout = 30.0', 'role = frozenset({1, 2})',
+                     "bind = [('127.0.0.1', 9123)]", 'max_reqs = 1024',
+                     "handler = 'wsgi'", 'app = None'):
+            assert line in lines, result.stdout
+        # what it prints is a config file that gives the same settings
+        again = tmp_path / 'again.py'
+        again.write_text(result.stdout)
+        assert run_cli('--config', str(again), '--print-config').stdout == \
+            result.stdout
+
+    @pytest.mark.parametrize('text, error', [
+        ('workers = 4\n', 'workers: no such setting'),
+        ('num_workers = "lots"\n', "argument --workers: 'lots' is not"),
+        ('max_reqs = 0\n', 'bad value for max_reqs'),
+        ('max_reqs = (\n', 'SyntaxError'),
+        ('bind = "nowhere"\n', "bind: 'nowhere' is not host:port"),
+        ('log_level = "loud"\n', '--log-level'),
+        ('def post_fork(server, worker):\n    pass\n',
+         'post_fork: no such setting'),
+    ])
+    def test_check_config_names_what_is_wrong(self, tmp_path, text, error):
+        config = tmp_path / 'conf.py'
+        config.write_text(text)
+        result = run_cli('--config', str(config), '--check-config')
+        assert result.returncode == 2, result
+        assert error in result.stderr
+
+    def test_check_config_loads_the_application(self, tmp_path):
+        config = tmp_path / 'conf.py'
+        config.write_text('num_workers = 2\napp = "test_gevent_fastcgi:'
+                          'e2e_app"\n')
+        result = run_cli('--config', str(config), '--check-config')
+        assert result.returncode == 0, result.stderr
+        assert 'the settings and the application load' in result.stdout
+        result = run_cli('--config', str(config), '--check-config',
+                         'no_such_module_here:app')
+        assert result.returncode == 1
+        assert "cannot load APP 'no_such_module_here:app'" in result.stderr
+
+    def test_a_config_file_serves(self, tmp_path):
+        port = free_port()
+        config = tmp_path / 'conf.py'
+        config.write_text(
+            'bind = ["127.0.0.1:%d"]\nnum_workers = 2\napp = '
+            '"test_gevent_fastcgi:e2e_app"\naccess_log = %r\n'
+            % (port, str(tmp_path / 'access.log')))
+        proc = start_server_process(['-c', str(config)], port)
+        try:
+            assert wait_for(lambda: len(children(proc.pid)) == 2)
+            for _ in range(4):
+                assert raw_get(('127.0.0.1', port), '/hello').body == \
+                    b'Hello, World'
+        finally:
+            assert stop_process(proc) == 0
+        assert (tmp_path / 'access.log').read_text().count('GET /hello') == 4
+
+
 class TestMonkeyPatching:
     def test_the_log_says_whether_the_process_is_monkey_patched(self):
         for args, line in (([], 'not monkey-patched: a blocking call'),
@@ -5114,6 +5210,9 @@ class TestMonkeyPatching:
             port = free_port()
             proc = start_server_process(['--bind', '127.0.0.1:%d' % port]
                                         + args, port)
+            # serving (its TERM handler set: it binds, then logs, then
+            # installs it)
+            assert raw_get(('127.0.0.1', port)).status == 200
             assert stop_process(proc) == 0
             assert line in proc.stdout.read().decode()
 
