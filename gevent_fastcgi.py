@@ -1774,13 +1774,9 @@ class Connection:
     #: the dispatch table, management records (request id 0) included;
     #: a type not in it is answered by on_unknown_type
     record_handler_names = {
-        FCGI_BEGIN_REQUEST: 'on_begin_request',
-        FCGI_ABORT_REQUEST: 'on_abort_request',
-        FCGI_PARAMS: 'on_params',
-        FCGI_STDIN: 'on_stdin',
-        FCGI_DATA: 'on_data',
-        FCGI_GET_VALUES: 'on_get_values',
-    }
+        FCGI_BEGIN_REQUEST: 'on_begin_request', FCGI_PARAMS: 'on_params',
+        FCGI_ABORT_REQUEST: 'on_abort_request', FCGI_STDIN: 'on_stdin',
+        FCGI_GET_VALUES: 'on_get_values', FCGI_DATA: 'on_data'}
 
     def __init__(self, server, sock, address) -> None:
         self.server = server
@@ -1790,8 +1786,7 @@ class Connection:
         self.closed = False
         self.closing = False            # our side is shut, waiting for theirs
         self.abandoned = False          # closes when its requests have ended
-        self._linger_timer = None
-        self._drain_timer = None
+        self._linger_timer = self._drain_timer = None
         self.last_active = time.monotonic()     # when a request last ended
         self.got_request = False                # a request's PARAMS came
         self.record_handlers = {
@@ -1946,11 +1941,10 @@ class Connection:
         """Cancel that request and answer its END_REQUEST now (5.4); other
         requests on the connection go on."""
         request = self.requests.get(request_id)
-        if request is None:
-            return
-        logger.info('%s: %r aborted by the web server', self, request)
-        request.end(app_status=1, output=STDOUT_END[request_id])
-        request.cancel()
+        if request is not None:
+            logger.info('%s: %r aborted by the web server', self, request)
+            request.end(app_status=1, output=STDOUT_END[request_id])
+            request.cancel()
 
     # -- the connection's lifetime -------------------------------------------
 
@@ -2179,10 +2173,8 @@ class WSGIResponse:
         self.request = request
         self.stdout = request.stdout
         self.is_head = environ['REQUEST_METHOD'] == 'HEAD'
-        self.status = None
-        self.headers = None
-        self.headers_sent = False
-        self.has_content_length = False
+        self.status = self.headers = None
+        self.headers_sent = self.has_content_length = False
 
     def start_response(self, status, headers, exc_info=None):
         if exc_info is not None:
@@ -2194,10 +2186,8 @@ class WSGIResponse:
         elif self.status is not None:
             raise AssertionError('start_response() called a second time '
                                  'without exc_info')
-        has_content_length = check_response_start(status, headers)
-        self.status = status
-        self.headers = headers
-        self.has_content_length = has_content_length
+        self.has_content_length = check_response_start(status, headers)
+        self.status, self.headers = status, headers
         return self.write
 
     def _header_block(self, content_length=None) -> bytes:
@@ -2265,10 +2255,8 @@ class WSGIResponse:
         request = self.request
         logger.error('%s: application failed on %r', request.connection,
                      request, exc_info=exc_info)
-        body = ERROR_BODY
-        if debug:
-            body = ''.join(traceback.format_exception(*exc_info)).encode(
-                'utf-8', 'backslashreplace')
+        body = ''.join(traceback.format_exception(*exc_info)).encode(
+            'utf-8', 'backslashreplace') if debug else ERROR_BODY
         # When some of the response has been sent, it is too late for an
         # error page: the response is cut.
         request.answer_error(ERROR_STATUS, body)
@@ -3508,10 +3496,7 @@ class FastCGIServer(StreamServer):
         # have sent a request (nginx does not retry a POST it sent).  Later
         # connections are refused at once: the web server tries another.
         for server in [self] + self.extra_listeners:
-            while not server.closed:
-                accepted = server.do_read()
-                if not accepted:
-                    break
+            while not server.closed and (accepted := server.do_read()):
                 server.do_handle(*accepted)
         try:
             StreamServer.stop(self, timeout)
