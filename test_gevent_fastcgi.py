@@ -5249,20 +5249,26 @@ class TestMonkeyPatching:
 # 16. Django management command
 # ---------------------------------------------------------------------------
 
+def django_project(tmp_path):
+    """A project of Django's startproject, with our app in INSTALLED_APPS."""
+    require_module('django')
+    project = tmp_path / 'project'
+    project.mkdir()
+    subprocess.run([sys.executable, '-m', 'django', 'startproject',
+                    'mysite', str(project)], check=True)
+    settings_py = project / 'mysite' / 'settings.py'
+    text = settings_py.read_text()
+    text = text.replace("ALLOWED_HOSTS = []", "ALLOWED_HOSTS = ['*']")
+    text = text.replace("'django.contrib.staticfiles',",
+                        "'django.contrib.staticfiles',\n"
+                        "    'gevent_fastcgi.DjangoAppConfig',")
+    settings_py.write_text(text)
+    return project
+
+
 class TestDjango:
     def test_startproject_served_behind_nginx(self, tmp_path):
-        require_module('django')
-        project = tmp_path / 'project'
-        project.mkdir()
-        subprocess.run([sys.executable, '-m', 'django', 'startproject',
-                        'mysite', str(project)], check=True)
-        settings_py = project / 'mysite' / 'settings.py'
-        text = settings_py.read_text()
-        text = text.replace("ALLOWED_HOSTS = []", "ALLOWED_HOSTS = ['*']")
-        text = text.replace("'django.contrib.staticfiles',",
-                            "'django.contrib.staticfiles',\n"
-                            "    'gevent_fastcgi.DjangoAppConfig',")
-        settings_py.write_text(text)
+        project = django_project(tmp_path)
         env = dict(os.environ, PYTHONPATH=HERE)
         help_text = subprocess.run(
             [sys.executable, 'manage.py', 'help'], cwd=project, env=env,
@@ -5298,17 +5304,8 @@ class TestDjango:
         assert 'Traceback' not in log, log
         assert 'worker' in log
 
-
     def test_every_option_and_static_urls_under_a_prefix(self, tmp_path):
-        require_module('django')
-        project = tmp_path / 'project'
-        project.mkdir()
-        subprocess.run([sys.executable, '-m', 'django', 'startproject',
-                        'mysite', str(project)], check=True)
-        settings_py = project / 'mysite' / 'settings.py'
-        settings_py.write_text(settings_py.read_text().replace(
-            "'django.contrib.staticfiles',", "'django.contrib.staticfiles',"
-            "\n    'gevent_fastcgi.DjangoAppConfig',"))
+        project = django_project(tmp_path)
         port = free_port()
         # run from elsewhere: --chdir takes it to the project
         proc = subprocess.Popen(
