@@ -2561,7 +2561,6 @@ def convert_setting(where: str, name: str, convert, value):
                          % (where, name, exc)) from None
 
 
-
 def needs_master(settings: Dict) -> bool:
     """Do these settings run workers under a master?  When asked, for
     several workers, and for what replaces a worker (max_requests,
@@ -2832,7 +2831,6 @@ def tune_malloc(keep_free: int = 4 * DEFAULT_SPOOL_SIZE) -> None:
                 libc.mallopt(param, value)
     except (OSError, AttributeError):
         pass
-
 
 
 def reopen_log_files() -> None:
