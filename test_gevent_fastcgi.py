@@ -1823,6 +1823,32 @@ class TestStatusPage:
             nginx.stop()
             assert master.stop() == 0
 
+    def test_outcomes_and_sizes_are_counted(self, tmp_path):
+        master = Master('--status-path', '/status', '--request-timeout', '0.3')
+        nginx = Nginx('127.0.0.1:%d' % master.port)
+        try:
+            assert nginx.request('GET', '/sleep?5')[0] == 504   # timed out
+            started = tmp_path / 'started'
+            client = socket.create_connection(('127.0.0.1', nginx.port))
+            client.sendall(b'GET /sleep?5,%s HTTP/1.1\r\nHost: x\r\n\r\n'
+                           % str(started).encode())
+            assert wait_for(started.exists)
+            client.close()      # nginx drops the request: it is aborted
+            assert nginx.request('GET', '/missing-is-fine')[0] == 200
+            assert nginx.request('GET', '/fail')[0] == 500
+            time.sleep(0.5)     # the worker publishes 4 times a second
+            report = self.status(nginx)
+        finally:
+            nginx.stop()
+            assert master.stop() == 0
+        assert report['timed out requests'] == 1
+        assert report['aborted requests'] == 1
+        assert report['requests'] == 4
+        assert report['requests by status'] == {
+            '1xx': 0, '2xx': 1, '3xx': 0, '4xx': 0, '5xx': 2}
+        assert report['bytes sent'] > len('Hello, World')
+        assert 0.3 <= report['request duration seconds']['sum'] < 5
+
     def test_full_shows_where_each_request_waits(self, tmp_path):
         master = Master('--workers', '2', '--status-path', '/status',
                         '--slow-request', '0.3')
