@@ -1960,6 +1960,17 @@ class TestAccessLog:
         assert '"GET /a\\x22b HTTP/1.1"' in line
         assert '\x1b' not in line and line.count('"') == 6
 
+    def test_absent_and_empty_fields(self, serve, caplog):
+        # nginx sends REMOTE_USER empty; HAProxy no REQUEST_URI
+        server = serve(hello_app, access_log=True)
+        with caplog.at_level(logging.INFO, logger='gevent_fastcgi.access'):
+            fetch(server, {'REMOTE_USER': '', 'SCRIPT_NAME': '/app',
+                           'PATH_INFO': '/x', 'QUERY_STRING': 'q=1'})
+        line, = [r.getMessage() for r in caplog.records
+                 if r.name == 'gevent_fastcgi.access']
+        assert re.match(r'- - - \[[^]]+\] "GET /app/x\?q=1 HTTP/1.1" 200 12 '
+                        r'"-" "-" \d+$', line), line
+
 
 class TestTransport:
     def test_gevent_still_has_what_the_fast_read_path_uses(self):
