@@ -832,8 +832,8 @@ _LOG_TIME = [-1, '']     # a second, and its time string, made once
 
 class AccessLogFile(logging.FileHandler):
     """The access log's file, written a block at a time: every 256 lines
-    (not a quarter second's: the allocator's memory stays warm), four times
-    a second, on stop, and before SIGUSR1 reopens it.  (A line through
+    (fewer strings held at once than a quarter second's), four times a
+    second, on stop, and before SIGUSR1 reopens it.  (A line through
     logging's machinery cost as much as the request it logs.)"""
 
     def __init__(self, path: str) -> None:
@@ -1004,7 +1004,7 @@ class Scoreboard:
 
     def flush(self) -> None:
         """Our counts to the shared memory, with the requests ended since:
-        counted here in bulk, which costs less than one at a time."""
+        counted in bulk, in fewer instructions than one at a time."""
         import array
         base, counts, ended, self.ended = (self.base, self.counts,
                                            self.ended, [])
