@@ -1108,9 +1108,9 @@ def publish_requests(server, busy: int) -> None:
                     or request_path(request.environ)),
         '%.3f' % request.started, waiting_in(request.greenlet)))
         for request in in_flight(server)])
-    busy = sum(board.ints[board.slot_base(1) + _BUSY::board.width])
+    everyone = sum(board.ints[board.slot_base(1) + _BUSY::board.width])
     queue = _listen_queue(getattr(server, 'socket', None))[0]
-    for name, value in (('max_busy', busy), ('max_listen_queue', queue)):
+    for name, value in (('max_busy', everyone), ('max_listen_queue', queue)):
         index = BOARD_FIELDS.index(name)
         board.ints[index] = max(board.ints[index], value)
 
@@ -1119,7 +1119,7 @@ def status_report(server, full: bool = False) -> Dict:
     """The whole server's counters, all workers together (PHP-FPM's names
     where it has one); ``full`` adds each worker and its requests."""
     board = server.scoreboard
-    # (not the status request itself) ours are fresh; others' < 0.25 s old
+    # busy: not this status request; ours are fresh, others' < 0.25 s old
     publish_requests(server, server.active_requests - 1)
     totals = board.totals()
     workers = board.workers()
@@ -3320,8 +3320,8 @@ def tick(server) -> None:
     access log's lines to its file."""
     now = time.time()
     board = server.scoreboard
-    for request in in_flight(server):
-        if (server.slow_request and now - request.started > server.slow_request
+    for request in in_flight(server) if server.slow_request else ():
+        if (now - request.started > server.slow_request
                 and request not in server._slow_logged):
             server._slow_logged.add(request)
             if board is not None:
