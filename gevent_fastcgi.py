@@ -54,6 +54,7 @@ import threading
 import time
 import traceback
 import weakref
+from contextlib import suppress
 from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 from wsgiref.handlers import BaseCGIHandler
 
@@ -2690,12 +2691,23 @@ def create_listener(address, backlog: int = 128, socket_mode=None):
             # The file is born with mode & ~umask: with this umask it is never
             # more open than it will be, not even for an instant.
             os.umask(0o777 & ~socket_mode)
+            # Bind a private name, listen, then link it to the path: a web
+            # server started alongside never meets ECONNREFUSED (a path too
+            # long for sun_path is bound directly).
+            temp = '%s.%d~' % (path, os.getpid())
+            temp = path if len(os.fsencode(temp)) > 107 else temp
+            _remove_stale_unix_socket(temp)
             try:
-                sock.bind(path)
+                sock.bind(temp)
             finally:
                 os.umask(old_umask)
-            os.chmod(path, socket_mode)
+            os.chmod(temp, socket_mode)
             sock.listen(backlog)
+            if temp != path:
+                try:
+                    os.link(temp, path)     # fails if taken, as bind() does
+                finally:
+                    os.unlink(temp)
         except BaseException:
             sock.close()
             raise
@@ -3069,10 +3081,8 @@ class WorkerGroup:
 
     @staticmethod
     def kill(pid: int, sig: int) -> None:
-        try:
+        with suppress(ProcessLookupError):
             os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 class Arbiter(WorkerGroup):
@@ -3138,10 +3148,8 @@ class Arbiter(WorkerGroup):
 
     def _queue_signal(self, signum, frame) -> None:
         self.signal_queue.append(signum)
-        try:
+        with suppress(OSError):
             os.write(self._wake_w, b'.')
-        except OSError:
-            pass
 
     # -- signals --------------------------------------------------------------
 
@@ -3380,8 +3388,9 @@ class FastCGIServer(StreamServer):
         self._bound_by_pid = os.getpid()
         self._stop_requested = gevent.event.Event()
         listeners = []
+        given = address if isinstance(address, list) else [address]
         try:
-            for one in (address if isinstance(address, list) else [address]):
+            for one in given:
                 listeners.append(self._listen(one, settings['backlog']))
         except BaseException:
             for listener in listeners:
@@ -3403,6 +3412,9 @@ class FastCGIServer(StreamServer):
             extra = StreamServer(listener, self.handle, spawn=self.pool)
             extra.max_accept = self.max_accept
             self.extra_listeners.append(extra)
+        for server, one in zip([self] + self.extra_listeners, given):
+            if isinstance(one, (str, bytes, os.PathLike)):
+                server.address = os.fsdecode(one)   # not the name it bound
         self.addresses = [self.address] + [extra.address
                                            for extra in self.extra_listeners]
 
@@ -3517,10 +3529,8 @@ class FastCGIServer(StreamServer):
         # the socket from under its master and siblings.
         if self._bound_by_pid == os.getpid():
             for path in self.unix_paths:
-                try:
+                with suppress(OSError):
                     os.unlink(path)
-                except OSError:
-                    pass
             self.unix_paths = []
 
     def shutdown(self, at_once: bool = False, escalate: bool = True) -> None:
@@ -3578,10 +3588,8 @@ def write_pid_file(path: str) -> None:
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
 
 
@@ -4081,10 +4089,8 @@ def _django_command_class():
                 # made in django.setup(), for the thread's ident, which
                 # --monkey-patch has since changed: Django would refuse to
                 # use or close them (made again when first used)
-                try:
+                with suppress(AttributeError):
                     del connections[alias]
-                except AttributeError:
-                    pass
             if opts['script_name']:
                 set_script_prefix(opts['script_name'] + '/')
             if not opts['skip_checks']:

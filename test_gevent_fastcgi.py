@@ -3567,6 +3567,36 @@ class TestListeningSockets:
         server.close()
         assert seen == [0o600]
 
+    def test_unix_socket_path_appears_only_when_listening(self, tmp_path,
+                                                          monkeypatch):
+        # A web server started alongside polls for the file: it must never
+        # find one that refuses connections (bound, not yet listening).
+        seen = []
+        original_listen = gevent.socket.socket.listen
+
+        def spying_listen(sock, backlog):
+            seen.append(sorted(os.listdir(tmp_path)))
+            original_listen(sock, backlog)
+        monkeypatch.setattr(gevent.socket.socket, 'listen', spying_listen)
+        short = str(tmp_path / 'app.sock')
+        # sun_path holds 107 bytes: no room for the private name, bound as is
+        longest = str(tmp_path / ('x' * (107 - len(str(tmp_path)) - 1)))
+        for path in (short, longest):
+            server = FastCGIServer(path, WSGIRequestHandler(hello_app),
+                                   socket_mode=0o600)
+            server.start()
+            try:
+                assert server.address == path       # not the private name
+                client = Client(path)
+                client.request()
+                assert client.response().body == b'Hello, World'
+                client.close()
+            finally:
+                server.stop(timeout=1)
+        assert seen[0] == ['app.sock.%d~' % os.getpid()]
+        assert seen[1] == [os.path.basename(longest)]
+        assert os.listdir(tmp_path) == []
+
     def test_stale_socket_file_is_replaced(self, serve, tmp_path):
         path = str(tmp_path / 'stale.sock')
         crashed = socket.socket(socket.AF_UNIX)
