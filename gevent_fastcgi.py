@@ -2673,10 +2673,11 @@ def _remove_stale_unix_socket(path: str) -> None:
                   'it or choose another path' % path)
 
 
-def create_listener(address, backlog: int = 128, socket_mode=None):
+def create_listener(address, backlog: int = 128, socket_mode=None,
+                    socket_owner=None):
     """Bind and listen: ``address`` is (host, port) for TCP over IPv4 or IPv6
     or a str path for a unix socket, created with ``socket_mode`` and never
-    with wider permissions in between."""
+    with wider permissions in between, and given to ``socket_owner``."""
     if isinstance(address, (str, bytes, os.PathLike)):
         path = os.fsdecode(address)
         _remove_stale_unix_socket(path)
@@ -2702,6 +2703,8 @@ def create_listener(address, backlog: int = 128, socket_mode=None):
             finally:
                 os.umask(old_umask)
             os.chmod(temp, socket_mode)
+            if socket_owner:
+                _chown(temp, socket_owner)
             sock.listen(backlog)
             if temp != path:
                 try:
@@ -3423,12 +3426,11 @@ class FastCGIServer(StreamServer):
             return address
         if isinstance(address, int) and not isinstance(address, bool):
             return inherited_listener(address)
-        listener = create_listener(address, backlog, self.socket_mode)
+        listener = create_listener(address, backlog, self.socket_mode,
+                                   self.socket_owner)
         if listener.family == _stdlib_socket.AF_UNIX:
             path = os.fsdecode(address)
             self.unix_paths.append(path)
-            if self.socket_owner:
-                _chown(path, self.socket_owner)
             mode = os.stat(path).st_mode
             if not mode & 0o002 and not (mode & 0o020 and self.socket_owner):
                 logger.warning(

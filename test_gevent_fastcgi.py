@@ -3749,15 +3749,25 @@ class TestWebServerAddrs:
             FastCGIServer(('127.0.0.1', 0), hello_app)
 
     @pytest.mark.skipif(os.geteuid() != 0, reason='chown needs root')
-    def test_socket_owner(self, serve, tmp_path):
+    def test_socket_owner(self, serve, tmp_path, monkeypatch):
         import grp
         import pwd
         path = str(tmp_path / 'owned.sock')
+        published = []
+        original_link = os.link
+
+        def spying_link(source, target):
+            # the owner is final before the path appears: a web server
+            # waiting for the file never meets "Permission denied"
+            published.append(os.stat(source)[4:6])
+            original_link(source, target)
+        monkeypatch.setattr(os, 'link', spying_link)
         serve(hello_app, address=path, socket_owner='nobody:nogroup',
               socket_mode=0o660)
         info = os.stat(path)
-        assert info.st_uid == pwd.getpwnam('nobody').pw_uid
-        assert info.st_gid == grp.getgrnam('nogroup').gr_gid
+        owner = (pwd.getpwnam('nobody').pw_uid, grp.getgrnam('nogroup').gr_gid)
+        assert (info.st_uid, info.st_gid) == owner
+        assert published == [owner]
         with pytest.raises(ValueError, match='no such user'):
             FastCGIServer(str(tmp_path / 'x.sock'), hello_app,
                           socket_owner='no-such-user-here')
