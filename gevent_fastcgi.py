@@ -2673,48 +2673,53 @@ def _remove_stale_unix_socket(path: str) -> None:
                   'it or choose another path' % path)
 
 
-def create_listener(address, backlog: int = 128, socket_mode=None,
-                    socket_owner=None):
-    """Bind and listen: ``address`` is (host, port) for TCP over IPv4 or IPv6
-    or a str path for a unix socket, created with ``socket_mode`` and never
-    with wider permissions in between, and given to ``socket_owner``."""
-    if isinstance(address, (str, bytes, os.PathLike)):
-        path = os.fsdecode(address)
-        _remove_stale_unix_socket(path)
-        sock = gevent.socket.socket(_stdlib_socket.AF_UNIX,
-                                    _stdlib_socket.SOCK_STREAM)
+def _unix_listener(path: str, backlog: int, socket_mode, socket_owner):
+    """Created with ``socket_mode``, never with wider permissions in between,
+    and given to ``socket_owner`` before its path appears."""
+    _remove_stale_unix_socket(path)
+    sock = gevent.socket.socket(_stdlib_socket.AF_UNIX,
+                                _stdlib_socket.SOCK_STREAM)
+    try:
+        old_umask = os.umask(0o077)
+        os.umask(old_umask)
+        if socket_mode is None:
+            # Never world-writable (anyone could connect) unless asked.
+            socket_mode = 0o777 & ~old_umask & ~0o002
+        # Born with mode & ~umask: never more open than it will be.  Bound
+        # to a private name, linked to the path once listening: a web server
+        # started alongside never meets ECONNREFUSED (too long: bound as is).
+        os.umask(0o777 & ~socket_mode)
+        temp = '%s.%d~' % (path, os.getpid())
+        temp = path if len(os.fsencode(temp)) > 107 else temp
+        _remove_stale_unix_socket(temp)
         try:
-            old_umask = os.umask(0o077)
+            sock.bind(temp)
+        finally:
             os.umask(old_umask)
-            if socket_mode is None:
-                # Never world-writable (anyone could connect) unless asked.
-                socket_mode = 0o777 & ~old_umask & ~0o002
-            # The file is born with mode & ~umask: with this umask it is never
-            # more open than it will be, not even for an instant.
-            os.umask(0o777 & ~socket_mode)
-            # Bind a private name, listen, then link it to the path: a web
-            # server started alongside never meets ECONNREFUSED (a path too
-            # long for sun_path is bound directly).
-            temp = '%s.%d~' % (path, os.getpid())
-            temp = path if len(os.fsencode(temp)) > 107 else temp
-            _remove_stale_unix_socket(temp)
-            try:
-                sock.bind(temp)
-            finally:
-                os.umask(old_umask)
+        try:
             os.chmod(temp, socket_mode)
             if socket_owner:
                 _chown(temp, socket_owner)
             sock.listen(backlog)
             if temp != path:
-                try:
-                    os.link(temp, path)     # fails if taken, as bind() does
-                finally:
-                    os.unlink(temp)
+                os.link(temp, path)     # fails if taken, as bind() does
+                os.unlink(temp)
         except BaseException:
-            sock.close()
+            os.unlink(temp)             # ours: bound above
             raise
-        return sock
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def create_listener(address, backlog: int = 128, socket_mode=None,
+                    socket_owner=None):
+    """Bind and listen: ``address`` is (host, port) for TCP over IPv4 or IPv6
+    or a str path for a unix socket."""
+    if isinstance(address, (str, bytes, os.PathLike)):
+        return _unix_listener(os.fsdecode(address), backlog, socket_mode,
+                              socket_owner)
     if not (isinstance(address, tuple) and len(address) in (2, 4)):
         raise ValueError('address must be (host, port) or a unix socket '
                          'path, not %r' % (address,))
@@ -3596,13 +3601,9 @@ def write_pid_file(path: str) -> None:
 
 
 def remove_pid_file(path: str) -> None:
-    try:
-        with open(path) as f:
-            if f.read().strip() != str(os.getpid()):
-                return          # not ours any more
-        os.unlink(path)
-    except OSError:
-        pass
+    with suppress(OSError), open(path) as f:
+        if f.read().strip() == str(os.getpid()):    # still ours
+            os.unlink(path)
 
 
 def run_server(app, address, handler: str = 'wsgi', debug: bool = False,

@@ -3771,6 +3771,7 @@ class TestWebServerAddrs:
         with pytest.raises(ValueError, match='no such user'):
             FastCGIServer(str(tmp_path / 'x.sock'), hello_app,
                           socket_owner='no-such-user-here')
+        assert os.listdir(tmp_path) == ['owned.sock']   # nothing left of it
 
 
 class TestStartedByOthers:
