@@ -3512,20 +3512,19 @@ class FastCGIServer(StreamServer):
             # A worker: the master's copies of the listeners close first
             # (as it stops, and all may get the TERM at once: systemd's
             # KillMode=control-group); alone (a HUP), we stop after 1 s.
-            try:
+            with suppress(_SOCKET_TIMEOUT):
                 gevent.socket.wait_read(self.master_listening, 1.0)
-            except _SOCKET_TIMEOUT:
-                pass
-        # The last copy to close takes what the kernel accepted for us, and
-        # closes (StreamServer.stop) with no switch in between: closing
-        # resets what waits in the backlog, where a web server may already
-        # have sent a request (nginx does not retry a POST it sent).  Later
-        # connections are refused at once: the web server tries another.
+        # The last copy to close takes what the kernel accepted for us and
+        # closes at once (TCP resets a handshake completed in between): the
+        # close resets the backlog, where a web server may have sent a
+        # request (nginx does not retry a POST it sent).  Later connections
+        # are refused at once: the web server tries another.
         for server in [self] + self.extra_listeners:
             while not server.closed and (accepted := server.do_read()):
                 server.do_handle(*accepted)
+            server.close()
         try:
-            StreamServer.stop(self, timeout)
+            StreamServer.stop(self, timeout)    # waits for the connections
         finally:
             self._remove_unix_sockets()
             if self.scoreboard is not None:
