@@ -4680,8 +4680,9 @@ def run_faults(hosts, fronts):
         for front, text in logs().items():
             seen[front][name] = traffic[front].during(started,
                                                       time.monotonic())
-            seen[front][name]['resets'] = text[logged[front]:].count(
-                'reset by peer')
+            seen[front][name]['resets'] = [
+                line for line in text[logged[front]:].splitlines()
+                if 'reset by peer' in line]
     try:
         time.sleep(1.0)
         fault('killed, then started', lambda: hosts.stop(1, signal.SIGKILL),
@@ -4785,8 +4786,13 @@ class TestSeveralHosts:
                 assert outcome['GET failed'] == 0, (front, fault, outcome)
                 assert outcome['slowest'] <= 5.0, (front, fault, outcome)
             graceful = faults['graceful stop, then started']
-            assert graceful['POST failed'] == graceful['resets'] == 0, (
-                front, graceful)
+            assert graceful['POST failed'] == 0, (front, graceful)
+            # TCP has no way to stop listening without a window between the
+            # last accept and the close: a handshake the kernel completes in
+            # it is reset (once in about thirty CI runs, nginx retried it)
+            assert len(graceful['resets']) <= 1, (front, graceful)
+            assert all('upstream: "fastcgi://198.18.2.2:9000"' in line
+                       for line in graceful['resets']), (front, graceful)
         for i in (1, 2, 3):
             assert 'Traceback' not in hosts.log(i), hosts.log(i)
 
