@@ -2676,7 +2676,12 @@ def _remove_stale_unix_socket(path: str) -> None:
 def _unix_listener(path: str, backlog: int, socket_mode, socket_owner):
     """Created with ``socket_mode``, never with wider permissions in between,
     and given to ``socket_owner`` before its path appears."""
-    _remove_stale_unix_socket(path)
+    # Bound to a private name, linked to the path once listening: a web
+    # server started alongside never meets ECONNREFUSED (too long: as is).
+    temp = '%s.%d~' % (path, os.getpid())
+    temp = path if len(os.fsencode(temp)) > 107 else temp
+    for name in {path, temp}:
+        _remove_stale_unix_socket(name)
     sock = gevent.socket.socket(_stdlib_socket.AF_UNIX,
                                 _stdlib_socket.SOCK_STREAM)
     try:
@@ -2685,13 +2690,8 @@ def _unix_listener(path: str, backlog: int, socket_mode, socket_owner):
         if socket_mode is None:
             # Never world-writable (anyone could connect) unless asked.
             socket_mode = 0o777 & ~old_umask & ~0o002
-        # Born with mode & ~umask: never more open than it will be.  Bound
-        # to a private name, linked to the path once listening: a web server
-        # started alongside never meets ECONNREFUSED (too long: bound as is).
+        # Born with mode & ~umask: never more open than it will be.
         os.umask(0o777 & ~socket_mode)
-        temp = '%s.%d~' % (path, os.getpid())
-        temp = path if len(os.fsencode(temp)) > 107 else temp
-        _remove_stale_unix_socket(temp)
         try:
             sock.bind(temp)
         finally:

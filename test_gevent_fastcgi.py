@@ -3596,6 +3596,16 @@ class TestListeningSockets:
         assert seen[0] == ['app.sock.%d~' % os.getpid()]
         assert seen[1] == [os.path.basename(longest)]
         assert os.listdir(tmp_path) == []
+        # a file in the way of the private name: refused, and the process's
+        # umask is left as it was
+        (tmp_path / ('app.sock.%d~' % os.getpid())).write_text('data')
+        umask = os.umask(0o022)
+        os.umask(umask)
+        with pytest.raises(OSError, match='not a socket'):
+            FastCGIServer(short, WSGIRequestHandler(hello_app),
+                          socket_mode=0o600)
+        assert os.umask(umask) == umask
+        assert not os.path.exists(short)
 
     def test_stale_socket_file_is_replaced(self, serve, tmp_path):
         path = str(tmp_path / 'stale.sock')
