@@ -711,7 +711,7 @@ class OutputStream:
     until ``flush_size`` bytes, a ``flush()``, or the end of the request."""
 
     __slots__ = ('_request', 'record_type', 'flush_size', '_chunks',
-                 '_pending', 'bytes_written')
+                 '_pending', 'bytes_written', '_flush_soon')
 
     def __init__(self, request: 'Request', record_type: int,
                  flush_size: int = DEFAULT_FLUSH_SIZE) -> None:
@@ -720,6 +720,7 @@ class OutputStream:
         self.flush_size = flush_size
         self._chunks, self._pending = [], 0
         self.bytes_written = 0      # accepted by write() so far
+        self._flush_soon = False    # flush_soon()'s callback is due
 
     def write(self, data) -> int:
         if type(data) is not bytes:
@@ -761,6 +762,29 @@ class OutputStream:
                                 parts)
         self._chunks, self._pending = [], 0
         self._request.connection.transport.send(parts)
+
+    def flush_soon(self) -> None:
+        """Send what was written as soon as this greenlet waits for anything
+        (the event loop then runs), or with the end of the request if that
+        comes first: a response's last bytes, the end of its stream and
+        END_REQUEST then leave in one write, and no block waits longer than
+        its application takes to wait (PEP 3333's "must not delay")."""
+        if self._chunks and not self._flush_soon:
+            self._flush_soon = True
+            gevent.get_hub().loop.run_callback(self._flush_from_loop)
+
+    def _flush_from_loop(self) -> None:
+        # In the hub, which must never wait: a greenlet of its own sends
+        # (and waits, if the web server reads slowly).
+        self._flush_soon = False
+        if self._chunks and not self._request.ended:
+            greenlet.greenlet(self._send_held, gevent.get_hub()).switch()
+
+    def _send_held(self) -> None:
+        with suppress(ConnectionClosed):
+            # taken when our turn to send comes: whoever sends a stream's
+            # bytes, they leave in the order they were written
+            self._request.connection.transport.send(self.take_records)
 
     def take_records(self) -> bytes:
         """What was written and not yet sent, as records; the buffer empties."""
@@ -1666,6 +1690,17 @@ class Transport:
         self.tcp = tcp
         self.closed = False
         self.on_lost = on_lost
+        if tcp:
+            # Nagle's algorithm would hold a write while an earlier one is
+            # unacknowledged, and the web server delays its ACK (40 ms on
+            # Linux): we write whole records, and gather a response's end
+            # into one write ourselves (OutputStream.flush_soon), so the
+            # kernel has nothing to wait for.  As gunicorn (on the
+            # listener) and waitress do; nginx sets it on kept-open
+            # connections; uWSGI leaves it off (--tcp-nodelay) and stalls.
+            # Set per connection: an inherited listener may not have it.
+            sock.setsockopt(_stdlib_socket.IPPROTO_TCP,
+                            _stdlib_socket.TCP_NODELAY, 1)
         self._send_lock = gevent.lock.Semaphore()
         # After a read that emptied the socket the next would fail (EAGAIN,
         # an exception) before gevent waits: so wait first, and read first
@@ -1701,7 +1736,8 @@ class Transport:
 
     def send(self, data, more: bool = False) -> None:
         """Send bytes, or a list of buffers (gather writes: the kernel copies
-        them, we do not), whole.  ``more``: our FIN follows, and MSG_MORE
+        them, we do not), whole; or what the function ``data`` returns when
+        our turn to send comes.  ``more``: our FIN follows, and MSG_MORE
         lets it ride on the last segment: the web server learns that the
         connection closes with the END_REQUEST, not after pooling it."""
         flags = _MSG_MORE if more and self.tcp else 0
@@ -1709,6 +1745,10 @@ class Transport:
             if self.closed:
                 raise ConnectionClosed('connection to the web server is '
                                        'closed')
+            if callable(data):
+                data = data()
+                if not data:
+                    return
             sent = 0
             try:
                 if type(data) is not list:
@@ -2227,11 +2267,12 @@ class WSGIResponse:
             self.request.body_size += len(data)
 
     def write(self, data: bytes) -> None:
-        """The write() callable start_response returns: sent at once."""
+        """The write() callable start_response returns: sent as soon as the
+        application waits, or with the end of the response."""
         if type(data) is not bytes:
             raise TypeError('write() takes bytes, not %s' % type(data).__name__)
         self._send(data)
-        self.stdout.flush()
+        self.stdout.flush_soon()
 
     def send_body(self, result) -> None:
         if type(result) in (list, tuple):
@@ -2247,10 +2288,13 @@ class WSGIResponse:
             else:
                 self._send(b''.join(result), total)
             return
-        # An iterator may block between blocks: each block leaves at once
-        # (PEP 3333: "must not delay the transmission of any block"), except
-        # for files, which do not block.
-        flush = self.stdout.flush if type(result) is not FileWrapper else None
+        # An iterator may block between blocks: each block leaves as soon as
+        # the application waits (PEP 3333: "must not delay the transmission
+        # of any block"), or with the end of the response when none comes
+        # between (what Flask and Django return: one write, not two); files
+        # do not block.
+        flush = (self.stdout.flush_soon if type(result) is not FileWrapper
+                 else None)
         for chunk in result:
             if type(chunk) is not bytes:
                 raise _not_bytes(chunk)

