@@ -337,53 +337,61 @@ def encode_pairs(pairs) -> bytes:
     return b''.join(parts)
 
 
-def _walk_pairs(data: bytes, source, add) -> None:
-    """Call add(name, value) for each pair of a name-value stream (3.4),
-    sliced from ``source``: ``data`` itself, or ``data`` decoded as latin-1,
-    which keeps every offset."""
+def _decode_pairs(data: bytes, source, as_dict: bool):
+    """The pairs of a name-value stream (3.4), sliced from ``source``:
+    ``data`` itself, or ``data`` decoded as latin-1, which keeps every
+    offset; a dict (an environ: the hot path, 0.9 us less for nginx's
+    params than a call per pair), or a list of 2-tuples."""
+    pairs = {} if as_dict else []
     pos = 0
     end = len(data)
     try:
         while pos < end:
             name_length = data[pos]
-            if name_length & 0x80:
-                name_length = _UINT32.unpack_from(data, pos)[0] & 0x7FFFFFFF
-                pos += 4
+            value_length = data[pos + 1]
+            if name_length | value_length < 0x80:   # both one byte: usual
+                pos += 2
             else:
-                pos += 1
-            value_length = data[pos]
-            if value_length & 0x80:
-                value_length = _UINT32.unpack_from(data, pos)[0] & 0x7FFFFFFF
-                pos += 4
-            else:
-                pos += 1
+                if name_length & 0x80:
+                    name_length = _UINT32.unpack_from(data, pos)[0] \
+                        & 0x7FFFFFFF
+                    pos += 4
+                else:
+                    pos += 1
+                value_length = data[pos]
+                if value_length & 0x80:
+                    value_length = _UINT32.unpack_from(data, pos)[0] \
+                        & 0x7FFFFFFF
+                    pos += 4
+                else:
+                    pos += 1
             value_start = pos + name_length
-            value_end = value_start + value_length
-            if value_end > end:
+            pos = value_start + value_length
+            if pos > end:
                 raise ProtocolError(
                     'name-value pair of %d + %d bytes runs %d bytes past the '
                     'end of its stream' % (name_length, value_length,
-                                           value_end - end))
-            add(source[pos:value_start], source[value_start:value_end])
-            pos = value_end
+                                           pos - end))
+            name = source[value_start - name_length:value_start]
+            if as_dict:
+                pairs[name] = source[value_start:pos]
+            else:
+                pairs.append((name, source[value_start:pos]))
     except (IndexError, struct.error):
         raise ProtocolError('name-value pair stream ends inside a length')
+    return pairs
 
 
 def decode_pairs(data: bytes) -> List[Tuple[bytes, bytes]]:
     """Decode a complete name-value pair stream into (name, value) bytes."""
-    pairs = []
-    _walk_pairs(data, data, lambda name, value: pairs.append((name, value)))
-    return pairs
+    return _decode_pairs(data, data, False)
 
 
 def decode_environ(data: bytes) -> Dict[str, str]:
     """FCGI_PARAMS stream -> CGI environ of native strings (PEP 3333: bytes
     decoded as latin-1, which maps every byte and loses none).  The stream
-    is decoded once, and the dict filled by its own C-level __setitem__."""
-    environ = {}
-    _walk_pairs(data, data.decode('latin-1'), environ.__setitem__)
-    return environ
+    is decoded once, and sliced."""
+    return _decode_pairs(data, data.decode('latin-1'), True)
 
 
 def encode_begin_request(request_id: int, role: int = FCGI_RESPONDER,
@@ -1699,8 +1707,9 @@ class Transport:
             # listener) and waitress do; nginx sets it on kept-open
             # connections; uWSGI leaves it off (--tcp-nodelay) and stalls.
             # Set per connection: an inherited listener may not have it.
-            sock.setsockopt(_stdlib_socket.IPPROTO_TCP,
-                            _stdlib_socket.TCP_NODELAY, 1)
+            with suppress(OSError):
+                sock.setsockopt(_stdlib_socket.IPPROTO_TCP,
+                                _stdlib_socket.TCP_NODELAY, 1)
         self._send_lock = gevent.lock.Semaphore()
         # After a read that emptied the socket the next would fail (EAGAIN,
         # an exception) before gevent waits: so wait first, and read first
@@ -2107,7 +2116,9 @@ def check_response_start(status, headers) -> bool:
                 raise ValueError('header name %r is not a valid token'
                                  % name)
             _remember_checked(_CHECKED_NAMES, name)
-        if _HEADER_VALUE_BAD_RE.search(value):
+        # (isprintable(): a quick yes for nearly every value; the regex
+        # then allows tabs and latin-1's non-printing characters)
+        if not value.isprintable() and _HEADER_VALUE_BAD_RE.search(value):
             raise ValueError('header %s: value %r holds control '
                              'characters (CR/LF?)' % (name, value))
         if len(name) == 14 and name.lower() == 'content-length':
@@ -2243,14 +2254,14 @@ class WSGIResponse:
         return self.write
 
     def _header_block(self, content_length=None) -> bytes:
-        lines = ['Status: %s\r\n' % self.status]
-        lines += ['%s: %s\r\n' % header for header in self.headers]
+        head = ''.join([name + ': ' + value + '\r\n'
+                        for name, value in self.headers])
         if (content_length is not None and not self.has_content_length
                 and self.status[0] != '1'
                 and self.status[:3] not in ('204', '304')):
-            lines.append('Content-Length: %d\r\n' % content_length)
-        lines.append('\r\n')
-        return ''.join(lines).encode('latin-1')
+            head += 'Content-Length: %d\r\n' % content_length
+        return ('Status: ' + self.status + '\r\n' + head + '\r\n').encode(
+            'latin-1')
 
     def _send(self, data: bytes, content_length=None) -> None:
         if not self.headers_sent:
