@@ -1,20 +1,35 @@
 """Benchmark gevent_fastcgi against its peers, in the same run.
 
     python3 bench/bench.py                    # everything, 3 rounds
-    python3 bench/bench.py --rounds 5 --duration 10 --only hello-c50
+    python3 bench/bench.py --rounds 5 --duration 10 --only flask-c50
+    python3 bench/bench.py --real             # the real applications only
 
 nginx (one worker) is in front and wrk is the client, all on loopback.  The
-same WSGI application (bench_app.py) runs behind each backend in turn:
+same WSGI application runs behind each backend in turn: what users run
+first (flask_app.py, a JSON route with a path parameter; django_app.py, a
+template over 20 rows under startproject's middleware; a streamed
+generator), then bench_app.py's hello and sizes.  The backends:
 
-  ours        gevent_fastcgi (this repository's copy)
-  original    the original gevent-fastcgi 1.1.0.0 from PyPI (C speedups)
-  flup        flup 1.0.3 (threads)
-  uwsgi       uWSGI 2.0 with --fastcgi-socket and --gevent
-  gunicorn    gunicorn with the gevent worker, behind nginx proxy_pass (HTTP)
-  libfcgi     a C program on libfcgi under spawn-fcgi: the cost of the
-              protocol itself (hello, and 1 MB uploads, which it reads and
-              discards; one connection per request, as libfcgi serves one
-              connection at a time)
+  ours          gevent_fastcgi (this repository's copy), nginx
+                fastcgi_keep_conn on, upstream keepalive
+  ours-visible  the same with --status-path and --access-log to a file
+  original      the original gevent-fastcgi 1.1.0.0 from PyPI (C speedups)
+  flup          flup 1.0.3 (threads)
+  uwsgi-native  uWSGI 2.0, its own protocol (nginx uwsgi_pass), --gevent 100
+  uwsgi-fastcgi uWSGI 2.0 with --fastcgi-socket and --gevent 1000, nginx
+                keep_conn off: uWSGI closes a FastCGI connection after each
+                response even when nginx keeps it ("upstream prematurely
+                closed" in nginx's log)
+  gunicorn      gunicorn with the gevent worker, behind nginx proxy_pass
+                (HTTP/1.1, upstream keepalive)
+  libfcgi       a C program on libfcgi under spawn-fcgi: the cost of the
+                protocol itself (hello, and 1 MB uploads, which it reads and
+                discards; one connection per request, as libfcgi serves one
+                connection at a time)
+
+For the real applications, the report also gives each application's floor:
+its own CPU per request called in-process with no server (floor.py), and
+each backend's overhead over it.
 
 The peers go into a virtual environment of their own (bench/.peers), made by
 this script on first use; the C program is built in bench/.build.  Debian
@@ -46,6 +61,7 @@ import sys
 import tempfile
 import threading
 import time
+from typing import List, NamedTuple, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -56,7 +72,9 @@ PEERS = os.path.join(HERE, '.peers')
 BUILD = os.path.join(HERE, '.build')
 # packaging: gunicorn's gevent worker imports it without requiring it
 PEER_PACKAGES = ['uwsgi>=2.0,<2.1', 'gevent-fastcgi==1.1.0.0', 'flup==1.0.3',
-                 'gunicorn', 'gevent', 'packaging']
+                 'gunicorn', 'packaging']
+# the same versions as ours runs with, so that only the servers differ
+SAME_AS_OURS = ['gevent', 'greenlet', 'Flask', 'Werkzeug', 'Django']
 DEBS = ['nginx-light', 'wrk', 'haproxy', 'spawn-fcgi', 'libfcgi-dev', 'gcc']
 TICK = os.sysconf('SC_CLK_TCK')
 
@@ -113,13 +131,22 @@ def setup(install_debs):
         for service in ('nginx', 'haproxy'):
             subprocess.run(['service', service, 'stop'],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    if not os.path.exists(os.path.join(PEERS, '.complete')):
+    from importlib.metadata import version
+    pins = ['%s==%s' % (name, version(name)) for name in SAME_AS_OURS]
+    complete = os.path.join(PEERS, '.complete')
+    try:
+        with open(complete) as f:
+            ready = f.read().split() == pins
+    except FileNotFoundError:
+        ready = False
+    if not ready:
         print('installing the peers into %s ...' % PEERS, flush=True)
         subprocess.run([sys.executable, '-m', 'venv', PEERS], check=True)
         subprocess.run([peer('pip'), 'install', '-q',
-                        '--disable-pip-version-check'] + PEER_PACKAGES,
-                       check=True)
-        open(os.path.join(PEERS, '.complete'), 'w').close()
+                        '--disable-pip-version-check'] + PEER_PACKAGES
+                       + pins, check=True)
+        with open(complete, 'w') as f:
+            f.write(' '.join(pins))
     binary = os.path.join(BUILD, 'hello_fcgi')
     source = os.path.join(BUILD, 'hello_fcgi.c')
     try:
@@ -150,6 +177,7 @@ def versions():
     return {'ours': gevent_fastcgi.__version__, 'gevent': gevent.__version__,
             'original': pkgs.get('gevent-fastcgi'), 'flup': pkgs.get('flup'),
             'uwsgi': pkgs.get('uwsgi'), 'gunicorn': pkgs.get('gunicorn'),
+            'flask': pkgs.get('flask'), 'django': pkgs.get('django'),
             'nginx': nginx, 'python': sys.version.split()[0]}
 
 
@@ -175,14 +203,20 @@ WSGIServer(app, bindAddress=('127.0.0.1', int(sys.argv[1])),
 """
 
 
-def backend_command(name, port, workers):
+#: the applications, as module:callable in bench/
+APPS = {'bench': 'bench_app:app', 'flask': 'flask_app:app',
+        'django': 'django_app:application'}
+
+
+def backend_command(name, port, workers, app='bench'):
     """-> (argv, cwd, env, protocol) for one backend."""
     clean_env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    spec = APPS[app]
     if name in ('ours', 'ours-visible'):
         argv = [sys.executable, '-m', 'gevent_fastcgi', '--bind',
                 '127.0.0.1:%d' % port, '--log-level', 'warning',
                 '--max-conns', '4096', '--max-reqs', '4096',
-                '--backlog', '4096', '--chdir', HERE, 'bench_app:app']
+                '--backlog', '4096', '--chdir', HERE, spec]
         if workers > 1:
             argv[3:3] = ['--workers', str(workers)]
         if name == 'ours-visible':      # what an operator turns on
@@ -197,17 +231,23 @@ def backend_command(name, port, workers):
     if name == 'flup':
         return [peer('python'), '-c', FLUP, str(port)], HERE, clean_env, \
             'fastcgi'
-    if name == 'uwsgi':
-        return ([peer('uwsgi'), '--fastcgi-socket', '127.0.0.1:%d' % port,
-                 '--gevent', '1000', '--wsgi-file', 'bench_app.py',
-                 '--callable', 'app', '--master', '--processes',
-                 str(workers), '--disable-logging', '--die-on-term',
-                 '--listen', '1024'], HERE, clean_env, 'fastcgi')
+    if name in ('uwsgi-fastcgi', 'uwsgi-native'):
+        if name == 'uwsgi-native':
+            socket_args, protocol = ['--socket'], 'uwsgi'
+            greenlets = '100'
+        else:
+            socket_args = ['--fastcgi-socket']
+            protocol, greenlets = 'fastcgi-one-per-connection', '1000'
+        return ([peer('uwsgi')] + socket_args + [
+            '127.0.0.1:%d' % port, '--gevent', greenlets, '--module', spec,
+            '--pythonpath', HERE, '--master', '--processes', str(workers),
+            '--disable-logging', '--die-on-term', '--listen', '1024'],
+            HERE, clean_env, protocol)
     if name == 'gunicorn':
         return ([peer('gunicorn'), '-k', 'gevent', '-w', str(workers), '-b',
                  '127.0.0.1:%d' % port, '--worker-connections', '4096',
                  '--backlog', '2048', '--log-level', 'warning',
-                 'bench_app:app'], HERE, clean_env, 'http')
+                 spec], HERE, clean_env, 'http')
     if name == 'libfcgi':
         return ([which('spawn-fcgi'), '-n', '-a', '127.0.0.1', '-p',
                  str(port), '-b', '1024', '--',
@@ -244,6 +284,10 @@ FASTCGI_LOCATION = """
             fastcgi_pass backend;
             {keep_conn}
 """ + FASTCGI_PARAMS
+
+UWSGI_LOCATION = """
+            uwsgi_pass backend;
+""" + FASTCGI_PARAMS.replace('fastcgi_param', 'uwsgi_param')
 
 HTTP_LOCATION = """
             proxy_pass http://backend;
@@ -316,13 +360,13 @@ FRONT_ENV = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(32 << 20),
 class Stack:
     """A backend and its front end (nginx, or HAProxy), on loopback."""
 
-    def __init__(self, backend, workers=1, front='nginx'):
+    def __init__(self, backend, workers=1, front='nginx', app='bench'):
         self.dir = tempfile.mkdtemp(prefix='gevent-fastcgi-bench-')
         os.chmod(self.dir, 0o777)
         self.backend_port = free_port()
         self.port = free_port()
-        argv, cwd, env, protocol = backend_command(backend,
-                                                   self.backend_port, workers)
+        argv, cwd, env, protocol = backend_command(
+            backend, self.backend_port, workers, app)
         self.backend = subprocess.Popen(argv, cwd=cwd, env=env,
                                         stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL)
@@ -338,6 +382,8 @@ class Stack:
         else:
             if protocol == 'http':
                 location, keepalive = HTTP_LOCATION, 'keepalive 64;'
+            elif protocol == 'uwsgi':       # (nginx keeps no uwsgi connection)
+                location, keepalive = UWSGI_LOCATION, ''
             elif protocol == 'fastcgi':
                 location = FASTCGI_LOCATION.format(
                     keep_conn='fastcgi_keep_conn on;')
@@ -375,31 +421,54 @@ wrk.body = string.rep("x", 1048576)
 wrk.headers["Content-Type"] = "application/octet-stream"
 """
 
-# name: (path, connections, wrk threads, lua script, backends, workers,
-#        front end)
-PYTHON = ['ours', 'original', 'flup', 'uwsgi', 'gunicorn']
+class Workload(NamedTuple):
+    path: str
+    connections: int
+    threads: int            # wrk's
+    lua: Optional[str]      # wrk's script
+    backends: List[str]
+    workers: int
+    front: str              # nginx or haproxy
+    app: str = 'bench'      # of APPS
+
+
+# What users run first (one worker each, wrk -t1 as a user would try it),
+# then the hello and size workloads of bench_app.py.
+REAL = ['ours', 'uwsgi-native', 'uwsgi-fastcgi', 'gunicorn']
+PYTHON = ['ours', 'original', 'flup', 'uwsgi-fastcgi', 'gunicorn']
+PEERS_GEVENT = ['ours', 'uwsgi-fastcgi', 'gunicorn']
 WORKLOADS = {
-    'hello-c1': ('/hello', 1, 1, None, PYTHON + ['libfcgi'], 1, 'nginx'),
-    'hello-c50': ('/hello', 50, 2, None,
-                  PYTHON + ['ours-visible', 'libfcgi'], 1, 'nginx'),
-    '64k-c20': ('/64k', 20, 2, None, PYTHON, 1, 'nginx'),
-    '1m-c10': ('/1m', 10, 2, None, PYTHON, 1, 'nginx'),
-    'upload1m-c10': ('/upload', 10, 2, UPLOAD_LUA, PYTHON + ['libfcgi'], 1,
-                     'nginx'),
-    'sleep100ms-c500': ('/sleep', 500, 2, None,
-                        ['ours', 'original', 'uwsgi', 'gunicorn'], 1,
-                        'nginx'),
-    'hello-c50-2workers': ('/hello', 50, 2, None,
-                           ['ours', 'uwsgi', 'gunicorn'], 2, 'nginx'),
-    'hello-c50-haproxy-mpx': ('/hello', 50, 2, None, ['ours'], 1,
-                              'haproxy'),
+    'flask-c50': Workload('/flask/item/7', 50, 1, None,
+                          REAL + ['ours-visible'], 1, 'nginx', 'flask'),
+    'flask-c1': Workload('/flask/item/7', 1, 1, None, REAL, 1, 'nginx',
+                         'flask'),
+    'django-c50': Workload('/django/rows', 50, 1, None,
+                           REAL + ['ours-visible'], 1, 'nginx', 'django'),
+    'django-c1': Workload('/django/rows', 1, 1, None, REAL, 1, 'nginx',
+                          'django'),
+    'stream-c50': Workload('/stream', 50, 1, None, REAL, 1, 'nginx'),
+    'hello-c1': Workload('/hello', 1, 1, None, PYTHON + ['libfcgi'], 1,
+                         'nginx'),
+    'hello-c50': Workload('/hello', 50, 2, None,
+                          PYTHON + ['ours-visible', 'libfcgi'], 1, 'nginx'),
+    '64k-c20': Workload('/64k', 20, 2, None, PYTHON, 1, 'nginx'),
+    '1m-c10': Workload('/1m', 10, 2, None, PYTHON, 1, 'nginx'),
+    'upload1m-c10': Workload('/upload', 10, 2, UPLOAD_LUA,
+                             PYTHON + ['libfcgi'], 1, 'nginx'),
+    'sleep100ms-c500': Workload('/sleep', 500, 2, None,
+                                PEERS_GEVENT + ['original'], 1, 'nginx'),
+    'hello-c50-2workers': Workload('/hello', 50, 2, None, PEERS_GEVENT, 2,
+                                   'nginx'),
+    'hello-c50-haproxy-mpx': Workload('/hello', 50, 2, None, ['ours'], 1,
+                                      'haproxy'),
     # CPU-bound: the backend is the cap (its CPU use is reported), so a
     # second worker can show what it adds
-    'cpu-c50': ('/cpu', 50, 2, None, ['ours', 'uwsgi', 'gunicorn'], 1,
-                'nginx'),
-    'cpu-c50-2workers': ('/cpu', 50, 2, None, ['ours', 'uwsgi', 'gunicorn'],
-                         2, 'nginx'),
+    'cpu-c50': Workload('/cpu', 50, 2, None, PEERS_GEVENT, 1, 'nginx'),
+    'cpu-c50-2workers': Workload('/cpu', 50, 2, None, PEERS_GEVENT, 2,
+                                 'nginx'),
 }
+REAL_WORKLOADS = [name for name, workload in WORKLOADS.items()
+                  if workload.app != 'bench' or workload.path == '/stream']
 
 
 def parse_wrk(text):
@@ -446,7 +515,7 @@ def idle_seconds():
 
 
 def measure(stack, workload, duration):
-    path, connections, threads, lua, _, _, _ = WORKLOADS[workload]
+    path, connections, threads, lua = WORKLOADS[workload][:4]
     run_wrk(stack.port, path, connections, threads, lua, 1)       # warm up
     pids = process_tree(stack.backend.pid)
     front_pids = process_tree(stack.front.pid)
@@ -460,8 +529,8 @@ def measure(stack, workload, duration):
     elapsed = time.monotonic() - started
     used = cpu_seconds(pids) - before
     wrk_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    front_used = (cpu_seconds(front_pids) - front_before
-                  + wrk_after.ru_utime - wrk_before.ru_utime
+    nginx_used = cpu_seconds(front_pids) - front_before
+    front_used = (nginx_used + wrk_after.ru_utime - wrk_before.ru_utime
                   + wrk_after.ru_stime - wrk_before.ru_stime)
     served = result['requests']
     result['cpu_us_per_request'] = used / served * 1e6 if served else None
@@ -472,8 +541,20 @@ def measure(stack, workload, duration):
     # the cores nobody used: with these, how far any backend could go
     result['front_cpu_us_per_request'] = (front_used / served * 1e6
                                           if served else None)
+    # the web server alone (nginx or HAProxy, not wrk)
+    result['nginx_cpu_us_per_request'] = (nginx_used / served * 1e6
+                                          if served else None)
     result['idle_cores'] = (idle_seconds() - idle_before) / elapsed
     return result
+
+
+def app_floor(workload):
+    """The application's own CPU us per request (floor.py), run by the
+    Python ours runs on."""
+    out = subprocess.run([sys.executable, os.path.join(HERE, 'floor.py'),
+                          APPS[workload.app], workload.path, '2'],
+                         capture_output=True, text=True, check=True, cwd=HERE)
+    return float(out.stdout)
 
 
 # -- memory ------------------------------------------------------------------
@@ -579,6 +660,14 @@ def summarize(raw):
                 'cores': median(r.get('backend_cores_busy') for r in runs),
                 'front_us': median(r.get('front_cpu_us_per_request')
                                    for r in runs),
+                'nginx_us': median(r.get('nginx_cpu_us_per_request')
+                                   for r in runs),
+                # the whole stack, backend and web server, round by round
+                'stack_us': median(
+                    r['cpu_us_per_request'] + r['nginx_cpu_us_per_request']
+                    if r['cpu_us_per_request'] is not None
+                    and r.get('nginx_cpu_us_per_request') is not None
+                    else None for r in runs),
                 'idle': median(r.get('idle_cores') for r in runs),
                 'errors': errors, 'requests': requests,
                 'rounds': len(runs),
@@ -595,7 +684,7 @@ def ratio(a, b):
 
 
 def targets(table, memory):
-    """The targets of the benchmark issue: (description, value, goal, met)."""
+    """The targets of the benchmark issues: (description, value, goal, met)."""
     checks = []
 
     def get(workload, backend, key):
@@ -604,22 +693,48 @@ def targets(table, memory):
     def check(name, value, goal, ok):
         checks.append((name, value, goal, ok))
 
+    def at_least(name, value, goal):
+        check(name, value, '>= %g' % goal, value is not None and value >= goal)
+
+    def at_most(name, value, goal):
+        check(name, value, '<= %g' % goal, value is not None and value <= goal)
+
+    # what users run (issue "Real applications answer at once")
+    for app, rps_goal, cpu_goal in (('flask', 1.2, 0.75),
+                                    ('django', 1.1, 0.85)):
+        busy, one = app + '-c50', app + '-c1'
+        at_least('%s: requests/s vs uWSGI native' % busy, ratio(
+            get(busy, 'ours', 'rps'), get(busy, 'uwsgi-native', 'rps')),
+            rps_goal)
+        at_most('%s: backend CPU/request vs uWSGI native' % busy, ratio(
+            get(busy, 'ours', 'cpu_us'), get(busy, 'uwsgi-native', 'cpu_us')),
+            cpu_goal)
+        at_least('%s: requests/s vs gunicorn' % busy, ratio(
+            get(busy, 'ours', 'rps'), get(busy, 'gunicorn', 'rps')), 1)
+        at_most('%s: median latency vs uWSGI native' % one, ratio(
+            get(one, 'ours', 'p50_us'), get(one, 'uwsgi-native', 'p50_us')),
+            1)
+        at_most('%s: stack CPU, status page and access log on' % busy, ratio(
+            get(busy, 'ours-visible', 'stack_us'),
+            get(busy, 'ours', 'stack_us')), 1.1)
+
+    uwsgi = 'uwsgi-fastcgi'
     hello = 'hello-c50'
-    r = ratio(get(hello, 'ours', 'cpu_us'), get(hello, 'uwsgi', 'cpu_us'))
+    r = ratio(get(hello, 'ours', 'cpu_us'), get(hello, uwsgi, 'cpu_us'))
     check('hello c50: CPU/request vs uWSGI', r, '<= 0.5', r is not None and
           r <= 0.5)
     r = ratio(get(hello, 'ours', 'cpu_us'), get(hello, 'original', 'cpu_us'))
     check('hello c50: CPU/request vs original', r, '<= 0.35',
           r is not None and r <= 0.35)
-    r = ratio(get(hello, 'ours', 'rps'), get(hello, 'uwsgi', 'rps'))
+    r = ratio(get(hello, 'ours', 'rps'), get(hello, uwsgi, 'rps'))
     check('hello c50: requests/s vs uWSGI', r, '>= 2', r is not None and
           r >= 2)
     r = ratio(get('hello-c1', 'ours', 'p50_us'),
-              get('hello-c1', 'uwsgi', 'p50_us'))
+              get('hello-c1', uwsgi, 'p50_us'))
     check('hello c1: median latency vs uWSGI', r, '<= 1', r is not None and
           r <= 1)
     for workload in ('64k-c20', '1m-c10', 'upload1m-c10'):
-        r = ratio(get(workload, 'ours', 'rps'), get(workload, 'uwsgi', 'rps'))
+        r = ratio(get(workload, 'ours', 'rps'), get(workload, uwsgi, 'rps'))
         check('%s: throughput vs uWSGI' % workload, r, '>= 1.5',
               r is not None and r >= 1.5)
     rps = get('sleep100ms-c500', 'ours', 'rps')
@@ -652,7 +767,7 @@ def table_lines(table, backends, cell_text):
     """A header and one row per workload; cell_text(cell) fills a cell."""
     lines = ['%-22s' % 'workload' + ''.join('%-22s' % b for b in backends)]
     for workload in WORKLOADS:
-        if workload in table:
+        if workload in table and workload not in REAL_WORKLOADS:
             lines.append('%-22s' % workload + ''.join(
                 '%-22s' % ('-' if table[workload].get(backend) is None
                            else cell_text(table[workload][backend]))
@@ -675,11 +790,50 @@ def front_text(cell):
     return '%s|%s' % (fmt(cell.get('front_us')), fmt(cell.get('idle'), 2))
 
 
-def report(table, checks, info):
-    backends = ['ours', 'ours-visible', 'original', 'flup', 'uwsgi', 'gunicorn',
-                'libfcgi']
-    lines = ['successful requests/s | CPU us per request | median latency us '
-             '(medians of %d rounds)' % info['rounds'], '']
+def floor_us(floors, workload):
+    return median(floors.get(workload, ()))
+
+
+def real_lines(table, floors):
+    """A row per real application and backend: what README.rst shows."""
+    lines = ['%-12s %-14s %8s %9s %9s %8s %9s %9s' % (
+        'workload', 'backend', 'req/s', 'backend', 'overhead', 'nginx',
+        'total', 'p50'), '%-12s %-14s %8s %9s %9s %8s %9s %9s' % (
+        '', '', '', 'CPU us', 'over app', 'CPU us', 'CPU us', 'ms')]
+    for workload in REAL_WORKLOADS:
+        floor = floor_us(floors, workload)
+        if workload not in table:
+            continue
+        lines.append('%-12s app floor: %s us of CPU per request, called '
+                     'in-process' % (workload, fmt(floor)))
+        for backend in ['ours', 'ours-visible'] + REAL[1:]:
+            cell = table[workload].get(backend)
+            if cell is None:
+                continue
+            if cell['failed']:
+                lines.append('%-12s %-14s %s' % ('', backend,
+                                                 speed_text(cell)))
+                continue
+            overhead = (cell['cpu_us'] - floor if floor is not None
+                        and cell['cpu_us'] is not None else None)
+            lines.append('%-12s %-14s %8s %9s %9s %8s %9s %9s%s' % (
+                '', backend, fmt(cell['rps']), fmt(cell['cpu_us']),
+                fmt(overhead), fmt(cell['nginx_us']), fmt(cell['stack_us']),
+                fmt(cell['p50_us'] and cell['p50_us'] / 1000, 2),
+                ' E%d' % cell['errors'] if cell['errors'] else ''))
+    return lines
+
+
+def report(table, checks, info, floors=None):
+    backends = ['ours', 'ours-visible', 'original', 'flup', 'uwsgi-fastcgi',
+                'gunicorn', 'libfcgi']
+    lines = []
+    if any(workload in table for workload in REAL_WORKLOADS):
+        lines += ['What users run, behind nginx (medians of %d rounds):'
+                  % info['rounds'], '']
+        lines += real_lines(table, floors or {}) + ['']
+    lines += ['successful requests/s | CPU us per request | median latency us '
+              '(medians of %d rounds)' % info['rounds'], '']
     lines += table_lines(table, backends, speed_text)
     lines += ['', 'front end (nginx or HAProxy, and wrk): CPU us per request '
               '| cores left idle', '']
@@ -701,6 +855,8 @@ def main(argv=None):
     parser.add_argument('--only', action='append', choices=sorted(WORKLOADS),
                         help='run only these workloads (repeatable)')
     parser.add_argument('--backends', help='comma-separated subset')
+    parser.add_argument('--real', action='store_true',
+                        help='only what users run: Flask, Django, a stream')
     parser.add_argument('--no-memory', action='store_true')
     parser.add_argument('--install-debs', action='store_true')
     parser.add_argument('--memory-only', action='store_true',
@@ -711,19 +867,23 @@ def main(argv=None):
     parser.add_argument('--json', help='write raw results to this file')
     args = parser.parse_args(argv)
     if args.from_log:
-        raw, info = {}, {'rounds': 0}
+        raw, info, floors = {}, {'rounds': 0}, {}
         with open(args.from_log) as f:
             for line in f:
                 match = re.match(r'round (\d+) (\S+)\s+(\S+)\s+(\{.*\})$',
                                  line.strip())
+                floor = re.match(r'floor (\S+) ([\d.]+)$', line.strip())
                 if match:
                     raw.setdefault((match.group(2), match.group(3)),
                                    []).append(json.loads(match.group(4)))
                     info['rounds'] = max(info['rounds'], int(match.group(1)))
+                elif floor:
+                    floors.setdefault(floor.group(1), []).append(
+                        float(floor.group(2)))
                 elif line.startswith('memory: '):
                     info['memory'] = json.loads(line[len('memory: '):])
         table = summarize(raw)
-        print(report(table, targets(table, info.get('memory')), info))
+        print(report(table, targets(table, info.get('memory')), info, floors))
         return 0
     setup(args.install_debs)
     if args.memory_only:
@@ -733,26 +893,32 @@ def main(argv=None):
             'duration': args.duration, 'cpus': os.cpu_count(),
             'machine': os.uname().machine}
     print(json.dumps(info), flush=True)
-    workloads = args.only or list(WORKLOADS)
+    workloads = args.only or (REAL_WORKLOADS if args.real
+                              else list(WORKLOADS))
     wanted = set(args.backends.split(',')) if args.backends else None
-    # (backend, workers, front) -> workloads it runs
+    # (backend, workers, front, app) -> workloads it runs
     stacks = {}
     for workload in workloads:
-        _, _, _, _, backends, workers, front = WORKLOADS[workload]
-        for backend in backends:
+        spec = WORKLOADS[workload]
+        for backend in spec.backends:
             if wanted is None or backend in wanted:
-                stacks.setdefault((backend, workers, front), []).append(
-                    workload)
-    raw = {}
+                stacks.setdefault((backend, spec.workers, spec.front,
+                                   spec.app), []).append(workload)
+    raw, floors = {}, {}
     for round_number in range(args.rounds):
+        for workload in workloads:
+            if workload in REAL_WORKLOADS:
+                value = app_floor(WORKLOADS[workload])
+                floors.setdefault(workload, []).append(value)
+                print('floor %s %.2f' % (workload, value), flush=True)
         # alternate the order between rounds, so that no backend always
         # runs first (or last) on a noisy machine
         order = sorted(stacks)
         if round_number % 2:
             order.reverse()
         for key in order:
-            backend, workers, front = key
-            stack = Stack(backend, workers, front)
+            backend, workers, front, app = key
+            stack = Stack(backend, workers, front, app)
             try:
                 for workload in stacks[key]:
                     result = measure(stack, workload, args.duration)
@@ -768,7 +934,7 @@ def main(argv=None):
     table = summarize(raw)
     checks = targets(table, memory)
     print()
-    print(report(table, checks, info))
+    print(report(table, checks, info, floors))
     if args.json:
         with open(args.json, 'w') as f:
             json.dump({'info': info, 'table': table, 'memory': memory,

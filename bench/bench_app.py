@@ -5,6 +5,7 @@
 /sleep   waits 100 ms (cooperatively under gevent), then hello
 /cpu     about 0.35 ms of pure-Python work, then hello: the backend, not
          the front end, is then what limits requests per second
+/stream  a generator of 10 blocks of 1 KB, no length: a streamed response
 """
 import time
 
@@ -17,8 +18,19 @@ except ImportError:
     sleep = time.sleep
 
 
+def blocks():
+    for _ in range(10):
+        yield BLOCK
+
+
+BLOCK = b'x' * 1023 + b'\n'
+
+
 def app(environ, start_response):
     path = environ.get('PATH_INFO', '/')
+    if path == '/stream':
+        start_response('200 OK', [('Content-Type', 'text/plain')])
+        return blocks()
     if path == '/upload':
         stream = environ['wsgi.input']
         length = int(environ.get('CONTENT_LENGTH') or 0)
