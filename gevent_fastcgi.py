@@ -7,24 +7,27 @@ file, so that it can be vendored by copying it.  It reads top to bottom in
 numbered sections (grep "# 4."); a section uses only what the sections above
 it define, and the tests carry the same banners in the same order.
 
-    1. Imports, version, logger
-    2. Protocol constants (the names of the FastCGI 1.0 specification)
-    3. Errors
-    4. Record codec: bytes in, records out, bytes back; no I/O at all
-    5. Request streams: stdin/data (spooled to disk), stdout/stderr
-    6. Requests: running, refusing and timing one; our own error pages
-    7. Connections: the transport, and the greenlet that multiplexes one
-    8. Request handlers: WSGI (our own PEP 3333 driver) and wsgiref
-    9. Options and applications: the one table of settings, app loading
-   10. Listening sockets
-   11. Prefork master and workers
-   12. FastCGIServer
-   13. Running a server: run_server, pid file, PasteDeploy runners
-   14. The built-in FastCGI client and the demo application
-   15. Command line
-   16. Django management command
-   17. Optional zope.interface declarations
-   18. Compatibility with the original project (acts only when called)
+    1. Imports, version, logger                                      50
+    2. Protocol constants (the FastCGI 1.0 specification's names)   45
+    3. Errors                                                        30
+    4. Record codec: bytes in, records out, bytes back; no I/O      310
+    5. Request streams: stdin/data (spooled to disk), stdout/stderr 410
+    6. Requests: running, refusing and timing one; our error pages  430
+    7. Connections: the transport, and the greenlet that reads one  405
+    8. Request handlers: WSGI (our own PEP 3333 driver), wsgiref    335
+    9. Options and applications: the one table of settings          340
+   10. Listening sockets                                            190
+   11. Prefork master and workers: the Arbiter, worker_main()       480
+   12. FastCGIServer, and the seam every watcher listens on         390
+   13. Seeing inside: status page, metrics, access log, slow log    600
+   14. Running a server: run_server, pid file, PasteDeploy runners   90
+   15. The built-in FastCGI client and the demo application          75
+   16. Command line                                                 280
+   17. Django management command                                     90
+   18. Optional zope.interface declarations                          40
+   19. Compatibility with the original project (acts when called)    40
+
+(The numbers are each section's budget of lines: 4,600 in all.)
 
 Importing it changes nothing outside it: no monkey-patching, no entries in
 sys.modules or sys.path_hooks, no process-wide settings.  The FastCGI 1.0
@@ -57,6 +60,7 @@ import weakref
 from contextlib import suppress
 from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 from wsgiref.handlers import BaseCGIHandler
+from wsgiref.util import FileWrapper
 
 import gevent
 import gevent.event
@@ -148,6 +152,11 @@ class RequestAborted(gevent.GreenletExit):
     application code does not swallow."""
 
 
+class StartupError(FastCGIError):
+    """The server cannot start (an address in use, a failed on_starting or
+    when_ready hook...): raised before it serves, never after."""
+
+
 # 4. Record codec -------------------------------------------------------------
 #
 # Sans-I/O, after h11: RecordParser.feed() takes whatever bytes arrived and
@@ -177,11 +186,10 @@ STREAM_TYPES = frozenset((FCGI_PARAMS, FCGI_STDIN, FCGI_STDOUT, FCGI_STDERR,
 class RecordParser:
     """Incremental FastCGI record parser: ``feed(data)`` takes bytes in any
     chunking and returns the records they complete; ``feed(b'')`` is the end
-    of input.  Padding is discarded whatever it holds (3.3).
-
-    With ``split_streams``, a stream record's content (STREAM_TYPES) is
-    returned as it arrives, in pieces never empty (only an empty record ends
-    a stream): a 64 KB STDIN record costs no buffering and no joining."""
+    of input.  Padding is discarded whatever it holds (3.3).  With
+    ``split_streams``, a stream record's content (STREAM_TYPES) comes as it
+    arrives, in pieces never empty (only an empty record ends a stream): a
+    64 KB STDIN record costs no buffering and no joining."""
 
     __slots__ = ('split_streams', '_head', '_pieces', '_type', '_request_id',
                  '_content_left', '_padding_left', '_eof')
@@ -291,8 +299,7 @@ def encode_record_parts(record_type: int, request_id: int,
                         content, parts: list) -> list:
     """Append to ``parts`` the records carrying ``content``: headers and
     views of it, no copy.  The one place that cuts output into records of
-    at most 65,535 bytes; no padding (optional, and every web server reads
-    unpadded records)."""
+    at most 65,535 bytes; no padding (optional: web servers read none)."""
     length = len(content)
     if length <= FCGI_MAX_CONTENT_LEN:
         parts.append(_HEADER.pack(FCGI_VERSION_1, record_type, request_id,
@@ -389,8 +396,7 @@ def decode_pairs(data: bytes) -> List[Tuple[bytes, bytes]]:
 
 def decode_environ(data: bytes) -> Dict[str, str]:
     """FCGI_PARAMS stream -> CGI environ of native strings (PEP 3333: bytes
-    decoded as latin-1, which maps every byte and loses none).  The stream
-    is decoded once, and sliced."""
+    decoded as latin-1, which maps every byte and loses none), decoded once."""
     return _decode_pairs(data, data.decode('latin-1'), True)
 
 
@@ -478,12 +484,11 @@ GATHER_SIZE = 128 * 1024
 
 class InputStream:
     """A request's FCGI_STDIN or FCGI_DATA stream, as a read-only binary file
-    (a read returns less than asked only at the end of the stream).
-
-    Input is held in the pieces it arrived in, let go as soon as read.  Past
-    ``spool_size`` unread bytes, they and the rest of the stream go to a
-    temporary file.  (Not SpooledTemporaryFile: its BytesIO copies every
-    byte once more, which profiled as half of the CPU an upload cost.)"""
+    (a read returns less than asked only at the end of the stream).  Input
+    is held in the pieces it arrived in, let go as soon as read; past
+    ``spool_size`` unread bytes, they and the rest go to a temporary file
+    (not SpooledTemporaryFile: its BytesIO copies every byte once more,
+    which profiled as half of the CPU an upload cost)."""
 
     __slots__ = ('spool_size', 'eof', 'received', '_pieces', '_offset',
                  '_file', '_file_start', '_pos', '_error', '_waiter',
@@ -713,13 +718,30 @@ _NO_INPUT = InputStream()
 _NO_INPUT.feed_eof()
 
 
+def response_status(stdout: bytes) -> int:
+    """The HTTP status of a CGI response: its Status header, else 302 with a
+    Location header, else 200."""
+    head = re.split(br'\r?\n\r?\n', stdout, maxsplit=1)[0]
+    location = False
+    for line in re.split(br'\r?\n', head):
+        name, _, value = line.partition(b':')
+        name = name.strip().lower()
+        if name == b'status':
+            return int(value.split()[0])
+        location = location or name == b'location'
+    return 302 if location else 200
+
+
 class OutputStream:
     """A request's FCGI_STDOUT or FCGI_STDERR stream, as a write-only file
     of bytes (FCGI_STDERR also takes str, as UTF-8).  Writes are gathered
-    until ``flush_size`` bytes, a ``flush()``, or the end of the request."""
+    until ``flush_size`` bytes, a ``flush()``, or the end of the request.
+    FCGI_STDOUT knows where its CGI head ends (``head_size``: for the size
+    of the body and the status), told by our WSGI drivers, else read."""
 
     __slots__ = ('_request', 'record_type', 'flush_size', '_chunks',
-                 '_pending', 'bytes_written', '_flush_soon')
+                 '_pending', 'bytes_written', '_flush_soon', 'head_size',
+                 '_head')
 
     def __init__(self, request: 'Request', record_type: int,
                  flush_size: int = DEFAULT_FLUSH_SIZE) -> None:
@@ -729,6 +751,8 @@ class OutputStream:
         self._chunks, self._pending = [], 0
         self.bytes_written = 0      # accepted by write() so far
         self._flush_soon = False    # flush_soon()'s callback is due
+        self.head_size = None if record_type == FCGI_STDOUT else 0
+        self._head = b''            # what was written of a head not yet read
 
     def write(self, data) -> int:
         if type(data) is not bytes:
@@ -744,12 +768,29 @@ class OutputStream:
                                    % self._request.id)
         length = len(data)
         if length:
+            if self.head_size is None:
+                self._read_head(data)
             self._chunks.append(data)
             self._pending += length
             self.bytes_written += length
             if self._pending >= self.flush_size:
                 self.flush()
         return length
+
+    def _read_head(self, data: bytes) -> None:
+        """Find where the head ends (its blank line) and its status; a head
+        still unfinished after 64 KB is taken as none."""
+        head = self._head = self._head + data
+        ends = [found + len(blank) for blank in (b'\r\n\r\n', b'\n\n')
+                for found in [head.find(blank)] if found >= 0]
+        if ends:
+            self.head_size = min(ends)
+            with suppress(ValueError, IndexError):
+                self._request.response_status = response_status(head)
+        elif len(head) > 65536:
+            self.head_size = 0
+        if self.head_size is not None:
+            self._head = b''
 
     def writelines(self, lines: Iterable[bytes]) -> None:
         for line in lines:
@@ -760,7 +801,7 @@ class OutputStream:
         if not chunks:
             return
         if self._pending < GATHER_SIZE:
-            self._request.connection.transport.send(self.take_records())
+            self._request.send(self.take_records())
             return
         # Large output: records made of views of what was written, handed
         # to the kernel in one gather write; joining would copy it twice.
@@ -769,7 +810,7 @@ class OutputStream:
             encode_record_parts(self.record_type, self._request.id, chunk,
                                 parts)
         self._chunks, self._pending = [], 0
-        self._request.connection.transport.send(parts)
+        self._request.send(parts)
 
     def flush_soon(self) -> None:
         """Send what was written as soon as this greenlet waits for anything
@@ -792,7 +833,7 @@ class OutputStream:
         with suppress(ConnectionClosed):
             # taken when our turn to send comes: whoever sends a stream's
             # bytes, they leave in the order they were written
-            self._request.connection.transport.send(self.take_records)
+            self._request.send(self.take_records)
 
     def take_records(self) -> bytes:
         """What was written and not yet sent, as records; the buffer empties."""
@@ -809,6 +850,8 @@ class OutputStream:
         if self.bytes_written != self._pending:
             return False
         self._chunks, self._pending, self.bytes_written = [], 0, 0
+        if self.record_type == FCGI_STDOUT:
+            self.head_size, self._head = None, b''
         return True
 
     def writable(self) -> bool:
@@ -829,13 +872,15 @@ class OutputStream:
 # A Request is what a request handler receives (environ, stdin, stdout...)
 # and where the policy for one request lives: the limits (431, 413), running
 # the handler in a greenlet of its own under request_timeout, our own error
-# pages, the access log.  The connection only feeds it records.
+# pages.  The connection feeds it records; it tells the server when it
+# begins, is refused and ends, and names nothing that watches.
 
-def plain_response(status: str, body: bytes) -> bytes:
-    """A CGI response of our own (an error page): status, text body."""
-    return (b'Status: %s\r\nContent-Type: text/plain; charset=utf-8\r\n'
-            b'Content-Length: %d\r\n\r\n' % (status.encode('ascii'),
-                                               len(body)) + body)
+def plain_response(status: str, body: bytes,
+                   kind: bytes = b'text/plain; charset=utf-8',
+                   headers: bytes = b'') -> bytes:
+    """A CGI response of our own (an error page, ping, the status page)."""
+    return b'Status: %s\r\nContent-Type: %s\r\n%sContent-Length: %d\r\n' \
+        b'\r\n%s' % (status.encode('ascii'), kind, headers, len(body), body)
 
 
 ERROR_STATUS = '500 Internal Server Error'
@@ -845,94 +890,11 @@ TIMEOUT_BODY = b'Gateway Timeout: the application took too long\n'
 TOO_LARGE_HEADERS = '431 Request Header Fields Too Large'
 TOO_LARGE_BODY = '413 Content Too Large'
 
-access_logger = logging.getLogger('gevent_fastcgi.access')
-_LOG_UNSAFE = re.compile('[^\x20-\x7e]|["\\\\]')
-
-
-def _log_escape(text: str) -> str:
-    """As nginx and Apache do: '"', '\\', control characters and non-ASCII
-    as \\xHH, so that a client can neither forge fields nor send terminal
-    escapes to whoever reads the log."""
-    if text.isascii() and text.isprintable() and '"' not in text \
-            and '\\' not in text:
-        return text
-    return _LOG_UNSAFE.sub(lambda match: '\\x%02X' % (ord(match.group())
-                                                       & 0xFF), text)
-
-
-_LOG_TIME = [-1, '']     # a second, and its time string, made once
-
-
-class AccessLogFile(logging.FileHandler):
-    """The access log's file, written a block at a time: every 256 lines
-    (fewer strings held at once than a quarter second's), four times a
-    second, on stop, and before SIGUSR1 reopens it.  (A line through
-    logging's machinery cost as much as the request it logs.)"""
-
-    def __init__(self, path: str) -> None:
-        super().__init__(path)
-        self.lines = []
-
-    def emit(self, record) -> None:
-        self.lines.append(self.format(record))
-
-    def flush(self) -> None:
-        if self.lines and self.stream is not None:
-            lines, self.lines = self.lines, []
-            self.stream.write('\n'.join(lines) + '\n')
-        super().flush()
-
-
-def log_access(request: 'Request', started: float, seconds: float) -> None:
-    """One line per request in the combined log format, followed by the
-    duration in microseconds (Apache's %D)."""
-    get = request.environ.get
-    uri = get('REQUEST_URI')
-    if uri is None:
-        uri = get('SCRIPT_NAME', '') + get('PATH_INFO', '')
-        if get('QUERY_STRING'):
-            uri += '?' + get('QUERY_STRING')
-    size = request.body_size
-    if size is None:
-        size = request.stdout.bytes_written
-    if int(started) != _LOG_TIME[0]:
-        _LOG_TIME[:] = int(started), time.strftime('%d/%b/%Y:%H:%M:%S %z',
-                                                   time.localtime(started))
-    fields = (get('REMOTE_ADDR', '-'), get('REMOTE_USER') or '-',
-              get('REQUEST_METHOD', '-'), uri, get('SERVER_PROTOCOL', '-'),
-              get('HTTP_REFERER', '-'), get('HTTP_USER_AGENT', '-'))
-    text = ' '.join(fields)         # all checked at once: usually clean
-    if not (text.isascii() and text.isprintable() and '"' not in text
-            and '\\' not in text):
-        fields = tuple(map(_log_escape, fields))
-    address, user, method, uri, protocol, referer, agent = fields
-    line = (f'{address} - {user} [{_LOG_TIME[1]}] "{method} {uri} '
-            f'{protocol}" {request.status_code or "-"} {size or "-"} '
-            f'"{referer}" "{agent}" {int(seconds * 1e6)}')
-    target = request.server.access_log
-    if target is True:
-        access_logger.info('%s', line)
-    else:
-        target.lines.append(line)
-        if len(target.lines) >= 256:
-            target.flush()
-
-
-def configure_access_log(target):
-    """access_log: None/False: off; True: to the 'gevent_fastcgi.access'
-    logger, for the application's logging; '-': stdout; a str: that file
-    (returned: its AccessLogFile)."""
-    if not target:
-        return False
-    if target is True:
-        return True
-    handler = (logging.StreamHandler(sys.stdout) if target == '-'
-               else AccessLogFile(target))
-    handler.setFormatter(logging.Formatter('%(message)s'))
-    access_logger.addHandler(handler)
-    access_logger.setLevel(logging.INFO)
-    access_logger.propagate = False
-    return True if target == '-' else handler
+# How a request's handler ended (Request.outcome): its response whole; a
+# failure answered by our error page; cancelled by request_timeout; aborted
+# by the web server (or its connection lost); a response cut short.
+OK, FAILED, TIMED_OUT, ABORTED, CUT = ('ok', 'failed', 'timed out',
+                                       'aborted', 'cut short')
 
 
 def request_path(environ: Dict[str, str]) -> str:
@@ -948,8 +910,8 @@ def request_path(environ: Dict[str, str]) -> str:
 
 def mount(environ: Dict[str, str], script_name: str) -> None:
     """SCRIPT_NAME := where the application is mounted, PATH_INFO := the
-    rest of request_path(), whatever the web server made of them (Debian's
-    nginx and Apache send the whole path as SCRIPT_NAME, HAProxy none)."""
+    rest of request_path(), whatever the web server sent (Debian's nginx
+    and Apache send the whole path as SCRIPT_NAME, HAProxy none)."""
     path = request_path(environ)
     if path == script_name or path.startswith(script_name + '/'):
         environ['SCRIPT_NAME'] = script_name
@@ -960,338 +922,6 @@ def mount(environ: Dict[str, str], script_name: str) -> None:
         environ['PATH_INFO'] = path
 
 
-#: request durations the status page counts (seconds; Prometheus' default
-#: buckets), and what each worker counts in its slot of the scoreboard
-DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                    10.0)
-SLOT_FIELDS = ('pid', 'generation', 'started', 'busy', 'open', 'accepted',
-               'served', '1xx', '2xx', '3xx', '4xx', '5xx', 'aborted',
-               'timed_out', 'refused', 'slow', 'bytes_in', 'bytes_out',
-               'duration_us') + tuple('bucket_%d' % n for n in range(
-                   len(DURATION_BUCKETS) + 1))
-(_PID, _GENERATION, _STARTED, _BUSY, _OPEN, _ACCEPTED, _SERVED, _1XX, _2XX,
- _3XX, _4XX, _5XX, _ABORTED, _TIMED_OUT, _REFUSED, _SLOW, _BYTES_IN,
- _BYTES_OUT, _DURATION, _BUCKET) = range(20)      # of SLOT_FIELDS
-#: the master's own counters, before the slots
-BOARD_FIELDS = ('started', 'generation', 'max_busy', 'max_listen_queue',
-                'restarts_exit', 'restarts_signal', 'restarts_max_requests',
-                'restarts_worker_timeout', 'restarts_reload')
-SLOT_TEXT = 4096        # bytes of each worker's requests in flight (?full)
-
-
-class Scoreboard:
-    """The status page's counters, in memory mapped before the fork: the
-    master's; a slot per worker, written by that worker only, with a text
-    area for its requests in flight; slot 0, where the master folds the
-    counts of workers that are gone, so that totals never go back."""
-
-    def __init__(self, slots: int = 1024) -> None:
-        import mmap
-        self.slots = slots
-        self.width = len(SLOT_FIELDS)
-        size = len(BOARD_FIELDS) + (slots + 1) * self.width
-        self.memory = mmap.mmap(-1, size * 8 + (slots + 1) * SLOT_TEXT)
-        self.ints = memoryview(self.memory)[:size * 8].cast('q')
-        self.text_at = size * 8
-        self.base = self.slot_base(1)   # a server without a master: slot 1
-        # this process's counts and the requests it ended since flush(): a
-        # list is cheaper to count into than the shared memory, which flush()
-        # (four times a second) brings up to date
-        self.counts, self.ended = [0] * self.width, []
-        self.ints[BOARD_FIELDS.index('started')] = int(time.time())
-
-    def slot_base(self, slot: int) -> int:
-        return len(BOARD_FIELDS) + slot * self.width
-
-    def add(self, name: str, count: int = 1) -> None:
-        self.ints[BOARD_FIELDS.index(name)] += count
-
-    def get(self, name: str) -> int:
-        return self.ints[BOARD_FIELDS.index(name)]
-
-    def take_slot(self, slot: int, generation: int) -> None:
-        """In a new worker: slot ``slot`` is this process's."""
-        self.base = base = self.slot_base(slot)
-        self.counts, self.ended = [0] * self.width, []
-        self.flush()
-        self.ints[base + _PID] = os.getpid()
-        self.ints[base + _GENERATION] = generation
-        self.ints[base + _STARTED] = int(time.time())
-
-    def free_slot(self, slot: int) -> None:
-        """In the master, once the slot's worker is gone: its counts go to
-        slot 0."""
-        base, width = self.slot_base(slot), self.width
-        for field in range(_ACCEPTED, width):
-            self.ints[self.slot_base(0) + field] += self.ints[base + field]
-        self.ints[base:base + width] = memoryview(bytes(8 * width)).cast('q')
-
-    def count(self, request, seconds: float, outcome: int = 0) -> None:
-        """A request whose handler has ended (``outcome``: _ABORTED or
-        _TIMED_OUT, if so), counted by the next flush().  (Five items of a
-        flat list: a tuple each kept the garbage collector busy.)"""
-        stdin = request._stdin
-        self.ended += (request.status_code, seconds, outcome,
-                       0 if stdin is None else stdin.received,
-                       request.stdout.bytes_written)
-
-    def flush(self) -> None:
-        """Our counts to the shared memory, with the requests ended since:
-        counted in bulk, in fewer instructions than one at a time."""
-        import array
-        base, counts, ended, self.ended = (self.base, self.counts,
-                                           self.ended, [])
-        codes, durations, outcomes, read, written = (ended[field::5]
-                                                     for field in range(5))
-        for code, n in collections.Counter(codes).items():
-            if code and '1' <= code[0] <= '5':
-                counts[_1XX + ord(code[0]) - 49] += n
-        for bucket, n in collections.Counter(map(
-                bisect.bisect_left, itertools.repeat(DURATION_BUCKETS),
-                durations)).items():
-            counts[_BUCKET + bucket] += n
-        counts[_ABORTED] += outcomes.count(_ABORTED)
-        counts[_TIMED_OUT] += outcomes.count(_TIMED_OUT)
-        counts[_SERVED] += len(codes)
-        counts[_DURATION] += int(sum(durations) * 1e6)
-        counts[_BYTES_IN] += sum(read)
-        counts[_BYTES_OUT] += sum(written)
-        self.ints[base + _BUSY:base + self.width] = array.array(
-            'q', counts[_BUSY:])
-
-    def write_requests(self, lines: List[str]) -> None:
-        at = self.text_at + (self.base - self.slot_base(0)) // self.width \
-            * SLOT_TEXT
-        data = '\n'.join(lines).encode('utf-8', 'replace')[:SLOT_TEXT - 1]
-        self.memory[at:at + len(data) + 1] = data + b'\0'
-
-    def workers(self) -> List[Dict[str, int]]:
-        """The slots in use, as dicts of SLOT_FIELDS, and their requests."""
-        found = []
-        for slot in range(1, self.slots + 1):
-            base = self.slot_base(slot)
-            if self.ints[base + _PID]:
-                worker = dict(zip(SLOT_FIELDS,
-                                  self.ints[base:base + self.width]))
-                at = self.text_at + slot * SLOT_TEXT
-                text = self.memory[at:at + SLOT_TEXT].split(b'\0', 1)[0]
-                worker['requests'] = [line.split('\t') for line in text.decode(
-                    'utf-8', 'replace').splitlines()]
-                found.append(worker)
-        return found
-
-    def totals(self) -> Dict[str, int]:
-        totals = dict.fromkeys(SLOT_FIELDS[_BUSY:], 0)
-        for slot in range(self.slots + 1):
-            base = self.slot_base(slot)
-            if slot == 0 or self.ints[base + _PID]:
-                for name, value in zip(SLOT_FIELDS[_BUSY:], self.ints[
-                        base + _BUSY:base + self.width]):
-                    totals[name] += value
-        return totals
-
-
-_PLUMBING = (os.path.dirname(gevent.__file__), os.path.dirname(
-    greenlet.__file__), os.path.abspath(__file__))
-_STDLIB = os.path.dirname(os.__file__)
-
-
-def waiting_in(glet) -> str:
-    """'file:line function' of the application's frame ``glet`` waits in:
-    the innermost one outside gevent, greenlet, this file and the stdlib."""
-    frame = glet.gr_frame
-    while frame is not None:
-        name = frame.f_code.co_filename
-        if not (name.startswith(_PLUMBING) or name.startswith(_STDLIB)
-                and 'site-packages' not in name):
-            return '%s:%d %s' % (name, frame.f_lineno, frame.f_code.co_name)
-        frame = frame.f_back
-    return '-'
-
-
-def _listen_queue(sock) -> Tuple[int, int]:
-    """(connections waiting to be accepted, backlog) of a TCP listening
-    socket, from TCP_INFO (Linux), as PHP-FPM shows them; (-1, -1) where
-    the kernel does not say (unix sockets, other systems)."""
-    try:
-        info = sock.getsockopt(_stdlib_socket.IPPROTO_TCP,
-                               _stdlib_socket.TCP_INFO, 104)
-        return struct.unpack_from('II', info, 24)
-    except (AttributeError, OSError, struct.error):
-        return -1, -1
-
-
-def in_flight(server) -> list:
-    """The requests whose handlers run in this process."""
-    return [request for connection in list(server.connections)
-            for request in list(connection.requests.values())
-            if request.greenlet is not None and request.started]
-
-
-def publish_requests(server, busy: int) -> None:
-    """Our counts (``busy`` requests now) and requests in flight, with the
-    frame each waits in, to the scoreboard; samples of the most in flight
-    and of the listen queue."""
-    board = server.scoreboard
-    board.counts[_BUSY] = busy
-    board.flush()
-    board.write_requests(['\t'.join((
-        request.environ.get('REQUEST_METHOD', '-'),
-        _log_escape(request.environ.get('REQUEST_URI')
-                    or request_path(request.environ)),
-        '%.3f' % request.started, waiting_in(request.greenlet)))
-        for request in in_flight(server)])
-    everyone = sum(board.ints[board.slot_base(1) + _BUSY::board.width])
-    queue = _listen_queue(getattr(server, 'socket', None))[0]
-    for name, value in (('max_busy', everyone), ('max_listen_queue', queue)):
-        index = BOARD_FIELDS.index(name)
-        board.ints[index] = max(board.ints[index], value)
-
-
-def status_report(server, full: bool = False) -> Dict:
-    """The whole server's counters, all workers together (PHP-FPM's names
-    where it has one); ``full`` adds each worker and its requests."""
-    board = server.scoreboard
-    # busy: not this status request; ours are fresh, others' < 0.25 s old
-    publish_requests(server, server.active_requests - 1)
-    totals = board.totals()
-    workers = board.workers()
-    busy = sum(1 for worker in workers if worker['busy'])
-    now = time.time()
-    queue, backlog = _listen_queue(getattr(server, 'socket', None))
-    report = {
-        'start time': board.get('started'),
-        'start since': int(now) - board.get('started'),
-        'generation': board.get('generation'),
-        'total processes': len(workers), 'active processes': busy,
-        'idle processes': len(workers) - busy,
-        'accepted conn': totals['accepted'],
-        'open connections': totals['open'],
-        'requests in flight': totals['busy'],
-        'max requests in flight': board.get('max_busy'),
-        'requests': totals['served'],
-        'requests by status': {'%dxx' % n: totals['%dxx' % n]
-                               for n in range(1, 6)},
-        'aborted requests': totals['aborted'],
-        'timed out requests': totals['timed_out'],
-        'refused requests': totals['refused'],
-        'slow requests': totals['slow'],
-        'request duration seconds': {
-            'buckets': dict(zip([str(b) for b in DURATION_BUCKETS]
-                                + ['+Inf'], itertools.accumulate(
-                                    totals['bucket_%d' % n] for n in range(
-                                        len(DURATION_BUCKETS) + 1)))),
-            'sum': totals['duration_us'] / 1e6},
-        'bytes received': totals['bytes_in'], 'bytes sent': totals['bytes_out'],
-        'listen queue': queue, 'max listen queue': board.get(
-            'max_listen_queue'), 'listen queue len': backlog,
-        'worker restarts': {cause: board.get('restarts_' + cause) for cause in
-                            ('exit', 'signal', 'max_requests',
-                             'worker_timeout', 'reload')},
-    }
-    if full:
-        report['processes'] = [{
-            'pid': worker['pid'], 'generation': worker['generation'],
-            'start time': worker['started'], 'requests': worker['served'],
-            'rss': _rss(worker['pid']),
-            'state': 'Running' if worker['busy'] else 'Idle',
-            'requests in flight': [{
-                'method': method, 'uri': uri,
-                'age': round(now - float(started), 3), 'waiting in': frame}
-                for method, uri, started, frame in worker['requests']
-                if worker['busy']]} for worker in workers]
-    return report
-
-
-def _rss(pid: int) -> int:
-    try:
-        with open('/proc/%d/statm' % pid) as statm:
-            return int(statm.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
-    except (OSError, ValueError, IndexError):
-        return -1
-
-
-def status_response(server, query: str) -> bytes:
-    """The status page as a CGI response: text (default), ?json or
-    ?openmetrics; ?full adds each worker and its requests."""
-    import json
-    flags = set(query.replace('&', ' ').replace('=', ' ').split())
-    report = status_report(server, 'full' in flags)
-    if 'json' in flags:
-        kind, body = 'application/json', json.dumps(report)
-    elif 'openmetrics' in flags:
-        kind = 'application/openmetrics-text; version=1.0.0; charset=utf-8'
-        body = openmetrics(report)
-    else:
-        kind, body = 'text/plain; charset=utf-8', _status_text(report)
-    body = body.encode('utf-8')
-    return (b'Status: 200 OK\r\nContent-Type: %s\r\nCache-Control: no-store'
-            b'\r\nContent-Length: %d\r\n\r\n' % (kind.encode(), len(body))
-            + body)
-
-
-def _status_text(report: Dict, prefix: str = '') -> str:
-    lines = []
-    for key, value in report.items():
-        if key == 'processes':
-            for process in value:
-                requests = process.pop('requests in flight')
-                lines += ['*' * 24, _status_text(process).rstrip()]
-                lines += ['request: %(method)s %(uri)s, %(age)gs, waiting in '
-                          '%(waiting in)s' % request for request in requests]
-        elif isinstance(value, dict):
-            lines.append(_status_text(value, prefix + key + ' ').rstrip())
-        else:
-            lines.append('%s%s: %s' % (prefix, key, value))
-    return '\n'.join(lines) + '\n'
-
-
-_METRICS = (    # OpenMetrics name and type, and the report's key
-    ('start_time_seconds', 'gauge', 'start time'),
-    ('processes', 'gauge', 'processes'),
-    ('connections', 'counter', 'accepted conn'),
-    ('open_connections', 'gauge', 'open connections'),
-    ('requests', 'counter', 'requests'),
-    ('responses', 'counter', 'requests by status'),
-    ('requests_in_flight', 'gauge', 'requests in flight'),
-    ('aborted_requests', 'counter', 'aborted requests'),
-    ('timed_out_requests', 'counter', 'timed out requests'),
-    ('refused_requests', 'counter', 'refused requests'),
-    ('slow_requests', 'counter', 'slow requests'),
-    ('received_bytes', 'counter', 'bytes received'),
-    ('sent_bytes', 'counter', 'bytes sent'),
-    ('listen_queue', 'gauge', 'listen queue'),
-    ('max_listen_queue', 'gauge', 'max listen queue'),
-    ('worker_restarts', 'counter', 'worker restarts'),
-    ('request_duration_seconds', 'histogram', 'request duration seconds'))
-_METRIC_LABELS = {'processes': 'state', 'responses': 'class',
-                  'worker_restarts': 'cause'}
-
-
-def openmetrics(report: Dict) -> str:
-    """The report in the OpenMetrics text format (Prometheus scrapes it)."""
-    report = dict(report, processes={'active': report['active processes'],
-                                     'idle': report['idle processes']})
-    out = []
-    for name, kind, key in _METRICS:
-        out.append('# TYPE gevent_fastcgi_%s %s' % (name, kind))
-        if kind == 'histogram':
-            duration = report[key]
-            samples = [('_bucket{le="%s"}' % le, count)
-                       for le, count in duration['buckets'].items()] + [
-                ('_count', duration['buckets']['+Inf']),
-                ('_sum', duration['sum'])]
-        elif isinstance(report[key], dict):
-            samples = [('%s{%s="%s"}' % ('_total' * (kind == 'counter'),
-                                        _METRIC_LABELS[name], label), value)
-                       for label, value in report[key].items()]
-        else:
-            samples = [('_total' * (kind == 'counter'), report[key])]
-        out += ['gevent_fastcgi_%s%s %s' % (name, suffix, value)
-                for suffix, value in samples]
-    return '\n'.join(out) + '\n# EOF\n'
-
-
 _getrefcount = sys.getrefcount
 _getweakrefcount = weakref.getweakrefcount
 
@@ -1299,15 +929,25 @@ _getweakrefcount = weakref.getweakrefcount
 class RequestGreenlets:
     """Run requests in greenlets that then wait for the next request (at
     most ``spare`` wait parked): a new greenlet's first switch costs about
-    9.5 us, a third of a small request's work; a parked one's next request,
-    about 1 us (timeit, greenlet 3.5).
-
+    9.5 us, a third of a small request's work, and (CPython 3.11) an mmap of
+    a frame stack, 17 us more for a Flask request; a parked one's, 1 us.
     Nothing a request leaves behind reaches a later one: each runs in a
     fresh contextvars.Context; a cancellation reaches only the request it
     was meant for; a parked greenlet is reused only if nothing but its own
-    frame refers to it, as a probe greenlet that ran nothing shows.  One
-    held by a stray timer, a registry or gevent.local data is left parked
-    (a timer that fires ends it, quietly) and a fresh one serves instead."""
+    frame refers to it, as a probe greenlet that ran nothing shows (one
+    held by a stray timer, a registry or gevent.local data is left parked,
+    and a timer that fires ends it, quietly)."""
+
+    _of_hub = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def of_this_hub(cls) -> 'RequestGreenlets':
+        """The thread's (a fork, too, has a hub of its own)."""
+        hub = gevent.get_hub()
+        runner = cls._of_hub.get(hub)
+        if runner is None:
+            runner = cls._of_hub[hub] = cls()
+        return runner
 
     def __init__(self, spare: int = 100) -> None:
         self.hub = gevent.get_hub()
@@ -1375,12 +1015,15 @@ class RequestGreenlets:
 class Request:
     """One FastCGI request, as a request handler receives it: environ
     (FCGI_PARAMS, str: str), stdin, data (FILTER's FCGI_DATA), stdout (a CGI
-    response), stderr (to the web server's log), role, id, keep_conn."""
+    response), stderr (to the web server's log), role, id, keep_conn; for
+    its watchers, what came of it: response_status, response_bytes (body),
+    outcome (OK, FAILED...), started and duration (seconds)."""
 
     __slots__ = ('connection', 'server', 'id', 'role', 'keep_conn', 'environ',
                  '_stdin', 'data', 'stdout', '_stderr', 'greenlet', 'ended',
-                 'status_code', 'body_size', 'params_done', '_params',
-                 'response_cut', 'started', '__weakref__')
+                 'response_status', 'params_done', '_params', 'response_cut',
+                 'started', 'outcome', 'duration', '__weakref__',
+                 '__dict__')     # (what server hooks keep on a request)
 
     def __init__(self, connection, request_id: int, role: int,
                  keep_conn: bool) -> None:
@@ -1394,16 +1037,17 @@ class Request:
         # An authorizer gets no body (6.3), only a filter DATA: the one empty
         # stream all share.  Others are made when first used.
         self._stdin = _NO_INPUT if role == FCGI_AUTHORIZER else None
-        self.data = (InputStream(server.spool_size) if role == FCGI_FILTER
-                     else _NO_INPUT)
+        self.data = (InputStream(server.settings.spool_size)
+                     if role == FCGI_FILTER else _NO_INPUT)
         self.stdout = OutputStream(self, FCGI_STDOUT)
         self._stderr = None
         self.greenlet = None            # runs the handler once PARAMS ended
-        self.status_code = None         # '200', for the access log
-        self.body_size = None           # body bytes, for the access log
         self.ended = False              # END_REQUEST sent, or connection lost
+        self.response_status = 0        # 200..., once its head is written
         self.response_cut = False       # failed after output was sent
-        self.started = None             # time.time() when its handler began
+        self.started = 0.0              # time.time() when its handler began
+        self.outcome = None             # once its handler has ended
+        self.duration = 0.0
         self.params_done = False
         self._params = b''              # PARAMS so far, one buffer
 
@@ -1411,7 +1055,7 @@ class Request:
     def stdin(self) -> InputStream:
         stream = self._stdin
         if stream is None:
-            stream = self._stdin = InputStream(self.server.spool_size)
+            stream = self._stdin = InputStream(self.server.settings.spool_size)
         return stream
 
     @property
@@ -1428,6 +1072,17 @@ class Request:
         return (self.params_done and stdin is not None and stdin.eof
                 and self.data.eof)
 
+    @property
+    def response_bytes(self) -> int:
+        """Bytes of response body written (its head not counted)."""
+        head_size = self.stdout.head_size
+        return 0 if head_size is None else self.stdout.bytes_written - head_size
+
+    @property
+    def bytes_received(self) -> int:
+        """Bytes of request body received (FCGI_STDIN)."""
+        return 0 if self._stdin is None else self._stdin.received
+
     def __repr__(self) -> str:
         return '<Request %d %s %s %s>' % (
             self.id, ROLE_NAMES.get(self.role, self.role),
@@ -1442,12 +1097,12 @@ class Request:
         if self.params_done:
             raise ProtocolError('PARAMS for request %d after its PARAMS '
                                 'stream ended' % self.id)
-        server = self.server
+        settings = self.server.settings
         if content:
             params = self._params
-            if len(params) + len(content) > server.max_params_size:
+            if len(params) + len(content) > settings.max_params_size:
                 self.refuse(TOO_LARGE_HEADERS, 'FCGI_PARAMS over %d bytes'
-                            % server.max_params_size)
+                            % settings.max_params_size)
             elif not params:
                 self._params = content
             else:   # one growing buffer: 2-byte records cost their bytes
@@ -1459,9 +1114,9 @@ class Request:
         params = self._params
         self._params = None
         environ = self.environ = decode_environ(params)
-        if len(environ) > server.max_params:
+        if len(environ) > settings.max_params:
             self.refuse(TOO_LARGE_HEADERS, '%d FCGI_PARAMS, more than %d'
-                        % (len(environ), server.max_params))
+                        % (len(environ), settings.max_params))
             return False
         length = environ.get('CONTENT_LENGTH')
         if length and not (length.isascii() and length.isdigit()
@@ -1470,33 +1125,17 @@ class Request:
             # read to its end (wsgi.input_terminated).
             del environ['CONTENT_LENGTH']
             length = None
-        max_body = server.max_body_size
+        max_body = settings.max_body_size
         if (length and max_body is not None and self.role != FCGI_AUTHORIZER
                 and int(length) > max_body):
             self.refuse(TOO_LARGE_BODY, 'CONTENT_LENGTH %s over '
                         'max_body_size %d' % (length, max_body))
             return False
-        if server.script_name is not None:
-            mount(environ, server.script_name)
-        if server.ping_path is not None or server.status_path is not None:
-            # health checks and the status page: answered here, the
-            # application is not called
-            path = (environ.get('SCRIPT_NAME', '') + environ.get(
-                'PATH_INFO', '')) or request_path(environ)
-            if path == server.ping_path:
-                answer = plain_response('200 OK', b'pong\n')
-            elif path == server.status_path:
-                answer = status_response(server,
-                                         environ.get('QUERY_STRING', ''))
-            else:
-                return True
-            self.end(output=encode_records(FCGI_STDOUT, self.id, answer)
-                     + STDOUT_END[self.id])
-            return False
+        if settings.script_name is not None:
+            mount(environ, settings.script_name)
         return True
 
-    def add_input(self, stream: InputStream, content: bytes,
-                  name: str) -> None:
+    def add_input(self, stream: InputStream, content: bytes, name: str) -> None:
         """Take a STDIN or DATA record for ``stream``."""
         if not self.params_done:
             raise ProtocolError('%s for request %d before its PARAMS stream '
@@ -1507,7 +1146,8 @@ class Request:
         if not content:
             stream.feed_eof()
             return
-        max_body = self.server.max_body_size
+        settings = self.server.settings
+        max_body = settings.max_body_size
         if (max_body is not None and stream is self._stdin
                 and stream.received + len(content) > max_body):
             # No CONTENT_LENGTH said so (a chunked upload): stop here.
@@ -1516,10 +1156,10 @@ class Request:
             return
         stream.feed(content)
         spooled = stream.spooled_bytes
-        if spooled > self.server.max_spool_size:
+        if spooled > settings.max_spool_size:
             self.refuse(TOO_LARGE_BODY, 'more than max_spool_size %d bytes '
                         'of body waiting unread on disk'
-                        % self.server.max_spool_size)
+                        % settings.max_spool_size)
         elif spooled:
             # The application is behind: let it read before we read on (the
             # connection greenlet would not yield while input keeps coming).
@@ -1536,21 +1176,22 @@ class Request:
             self.response_cut = True
             return False
         self.stdout.write(plain_response(status, body))
-        self.status_code = status[:3]
-        self.body_size = len(body)
         return True
 
     def refuse(self, status: str, reason: str) -> None:
         """Answer with an HTTP error of our own; cancel a running handler."""
         logger.warning('%s: request %d refused: %s', self.connection, self.id,
                        reason)
-        if self.server.scoreboard is not None:
-            self.server.scoreboard.counts[_REFUSED] += 1
+        self.server.request_refused(self, reason)
         output = b''
         if self.answer_error(status, status.encode('ascii')):
             output = self.stdout.take_records()
         self.end(1, output=output + STDOUT_END[self.id])
         self.cancel()
+
+    def send(self, data, more: bool = False) -> None:
+        """Output of this request to its connection (see Transport.send)."""
+        self.connection.transport.send(data, more)
 
     def end(self, app_status: int = 0,
             protocol_status: int = FCGI_REQUEST_COMPLETE,
@@ -1560,12 +1201,9 @@ class Request:
         if self.ended:
             return
         self.release()
-        server = self.server
         connection = self.connection
-        server.requests_served += 1
-        if server.requests_served == server.retire_after:
-            server.retire()
-        last = not self.keep_conn or ((server.stopping or connection.abandoned)
+        last = not self.keep_conn or ((self.server.stopping
+                                       or connection.abandoned)
                                       and not connection.requests)
         end = (END_REQUEST_OK[self.id]
                if app_status == 0 and protocol_status == FCGI_REQUEST_COMPLETE
@@ -1594,7 +1232,7 @@ class Request:
         """The request is over: it leaves its connection, drops its input."""
         self.ended = True
         if self.connection.requests.pop(self.id, None) is not None:
-            self.server.active_requests -= 1
+            self.server.request_released(self)
         if self._stdin is not None:
             self._stdin.close()
         if self.data is not _NO_INPUT:
@@ -1603,62 +1241,61 @@ class Request:
     def cancel(self) -> None:
         """RequestAborted in the greenlet running the handler, if any."""
         if self.greenlet is not None:
-            self.server.request_greenlets().cancel(self.greenlet, self)
+            RequestGreenlets.of_this_hub().cancel(self.greenlet, self)
 
 
 def run_request(request: Request) -> None:
-    """The request's greenlet: run the handler, end with what it wrote."""
-    app_status = 0
+    """The request's greenlet: run the handler (or the page at its path),
+    end with what it wrote, tell the server how it went."""
     server = request.server
     request.started = started = time.time()
-    log = server.access_log
-    outcome = 0
-    timeout = (RequestTimeout(server.request_timeout)
-               if server.request_timeout else None)
+    app_status = 0
+    outcome = OK
+    request_timeout = server.settings.request_timeout
+    timeout = RequestTimeout(request_timeout) if request_timeout else None
     try:
         if timeout is not None:
             timeout.start()
-        result = server.request_handler(request)
+        result = server.request_started(request)(request)
         if type(result) is int:
             app_status = result
     except (RequestAborted, ConnectionClosed):
-        log = False     # ended by whoever stopped it: nothing to log
-        outcome = _ABORTED
+        outcome = ABORTED
     except BaseException as exc:
         app_status = 1
         if exc is timeout:      # with the stack it was waiting in
-            outcome = _TIMED_OUT
+            outcome = TIMED_OUT
             logger.error('%s: %r cancelled after request_timeout (%gs)',
-                         request.connection, request, server.request_timeout,
+                         request.connection, request, request_timeout,
                          exc_info=True)
             request.answer_error(TIMEOUT_STATUS, TIMEOUT_BODY)
         else:   # any BaseException: one request's failure, not the server's
+            outcome = FAILED
             logger.exception('%s: request handler failed on %r',
                              request.connection, request)
             request.answer_error(ERROR_STATUS, ERROR_BODY)
     finally:
         if timeout is not None:
             timeout.close()
-    if request.response_cut:
-        request.abandon()
-    elif not request.ended:
-        output = request.stdout.take_records() + STDOUT_END[request.id]
-        stderr = request._stderr
-        if stderr is not None and stderr.bytes_written:
-            output += (stderr.take_records()
-                       + encode_records(FCGI_STDERR, request.id))
-        try:
+    if app_status and outcome == OK:
+        outcome = FAILED        # (our WSGI driver answered the failure)
+    try:
+        if request.response_cut:
+            outcome = CUT
+            request.abandon()
+        elif not request.ended:
+            output = request.stdout.take_records() + STDOUT_END[request.id]
+            stderr = request._stderr
+            if stderr is not None and stderr.bytes_written:
+                output += (stderr.take_records()
+                           + encode_records(FCGI_STDERR, request.id))
             request.end(app_status, output=output)
-        except ConnectionClosed:
-            pass
+    except (ConnectionClosed, RequestAborted):
+        outcome = ABORTED
     request.greenlet = None     # the greenlet serves the next request
-    board = server.scoreboard
-    if board is not None or log:
-        seconds = time.time() - started
-        if board is not None:
-            board.count(request, seconds, outcome)
-        if log:
-            log_access(request, started, seconds)
+    request.outcome = outcome
+    request.duration = time.time() - started
+    server.request_ended(request)
 
 
 # 7. Connections --------------------------------------------------------------
@@ -1680,9 +1317,8 @@ _SOCKET_TIMEOUT = _stdlib_socket.timeout    # not TimeoutError before 3.10
 
 class Transport:
     """One connection's socket: the only code that reads, writes or touches
-    gevent's private parts of it.  Requests take turns to send, and what one
-    sends goes out whole; a failed send calls ``on_lost(error)`` once and
-    raises ConnectionClosed."""
+    gevent's private parts of it.  Requests take turns to send, whole; a
+    failed send calls ``on_lost(error)`` once and raises ConnectionClosed."""
 
     __slots__ = ('socket', 'tcp', 'closed', 'on_lost', '_send_lock',
                  '_wait', '_readable', '_drained')
@@ -1795,8 +1431,7 @@ class Transport:
 
     def _cut(self) -> None:
         """A send was interrupted partway (a timeout, a cancellation): what
-        we sent next would land inside the cut record, so the connection
-        closes instead."""
+        we sent next would land inside the cut record: close instead."""
         if not self.closed:
             self.on_lost(ConnectionClosed('a send was interrupted partway '
                                           'through a record'))
@@ -1828,8 +1463,7 @@ class Transport:
 class Connection:
     """One connection from the web server: reads records, dispatches them to
     the ``on_*(request_id, content)`` methods ``record_handler_names`` names
-    (a subclass, FastCGIServer.connection_class, may override any), and owns
-    the connection's lifetime."""
+    (a subclass may override any), and owns the connection's lifetime."""
 
     #: seconds to wait for the web server to close after we shut down our side
     linger_timeout = 5.0
@@ -1877,7 +1511,7 @@ class Connection:
         transport = self.transport
         receive = transport.receive
         handlers = self.record_handlers
-        read_timeout = self.server.read_timeout
+        read_timeout = self.server.settings.read_timeout
         timeout = None
         quick_ack = transport.tcp and _TCP_QUICKACK is not None
         try:
@@ -1927,10 +1561,10 @@ class Connection:
         if request_id:
             self.on_unknown_type(FCGI_GET_VALUES, request_id, content)
             return
+        settings = self.server.settings
         self.transport.send(encode_get_values_result(content, {
-            FCGI_MAX_CONNS: str(self.server.max_conns),
-            FCGI_MAX_REQS: str(self.server.max_reqs),
-            FCGI_MPXS_CONNS: '1'}))
+            FCGI_MAX_CONNS: str(settings.max_conns),
+            FCGI_MAX_REQS: str(settings.max_reqs), FCGI_MPXS_CONNS: '1'}))
 
     def on_unknown_type(self, record_type: int, request_id: int,
                         content: bytes) -> None:
@@ -1958,21 +1592,21 @@ class Connection:
         if self.closing or self.closed:
             return      # our side is shut: the web server will see the close
         server = self.server
-        if role not in server.role:
+        if role not in server.settings.role:
             protocol_status, why = FCGI_UNKNOWN_ROLE, 'unknown role %d' % role
-        elif server.active_requests >= server.max_reqs or self.abandoned:
+        elif server.active_requests >= server.settings.max_reqs:
             protocol_status, why = FCGI_OVERLOADED, (
-                'the connection closes after a response cut short'
-                if self.abandoned else 'overloaded (%d requests active)'
-                % server.active_requests)
+                'overloaded (%d requests active)' % server.active_requests)
+        elif self.abandoned:
+            protocol_status, why = FCGI_OVERLOADED, (
+                'the connection closes after a response cut short')
         else:
-            server.active_requests += 1
-            self.requests[request_id] = Request(self, request_id, role,
-                                                keep_conn)
+            request = self.requests[request_id] = Request(
+                self, request_id, role, keep_conn)
+            server.request_admitted(request)
             return
         logger.warning('%s: request %d refused: %s', self, request_id, why)
-        if server.scoreboard is not None:
-            server.scoreboard.counts[_REFUSED] += 1
+        server.request_refused(None, why)
         self.transport.send(encode_end_request(request_id, 0, protocol_status))
         if not keep_conn:
             self.close_write()
@@ -1981,7 +1615,7 @@ class Connection:
         request = self.requests.get(request_id)
         if request is not None and request.add_params(content):
             self.got_request = True
-            request.greenlet = self.server.request_greenlets().start(
+            request.greenlet = RequestGreenlets.of_this_hub().start(
                 run_request, request)
 
     def on_stdin(self, request_id: int, content: bytes) -> None:
@@ -2016,9 +1650,9 @@ class Connection:
             self.close()
 
     def close_write(self) -> None:
-        """Our side is done: send FIN and let the web server close, so that
-        nothing it sent late turns our close into a reset; close anyway
-        after linger_timeout."""
+        """Our side is done: send FIN and let the web server close (so that
+        nothing it sent late makes our close a reset), or close after
+        linger_timeout."""
         if self.closing or self.closed:
             return
         self.closing = True
@@ -2043,7 +1677,7 @@ class Connection:
             if request.greenlet is not current:
                 request.cancel()
         self.transport.close()
-        self.server.connections.discard(self)
+        self.server.connection_closed(self)
 
     def close_when_idle(self, idle_time: float = 0.0) -> None:
         """For a stopping server.  Closing a kept-open connection races with
@@ -2079,15 +1713,10 @@ _HEADER_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _HEADER_VALUE_BAD_RE = re.compile(r'[\x00-\x08\x0a-\x1f\x7f]')
 _HTTPS_ON = frozenset(('on', '1', 'yes', 'true'))
 
-# Statuses and header names that passed the checks: applications send the
-# same few again and again.  Bounded, so that odd ones cannot grow them.
-_CHECKED_STATUSES = set()
+# Statuses (with their codes) and header names that passed the checks, the
+# same few again and again (bounded: odd ones cannot grow them).
+_CHECKED_STATUSES = {}
 _CHECKED_NAMES = set()
-
-
-def _remember_checked(checked: set, text: str) -> None:
-    if len(checked) < 1000:
-        checked.add(text)
 
 
 def check_response_start(status, headers) -> bool:
@@ -2099,7 +1728,8 @@ def check_response_start(status, headers) -> bool:
         if not _STATUS_RE.match(status):
             raise ValueError('status %r is not "NNN Reason"' % (status,))
         status.encode('latin-1')     # UnicodeEncodeError if it is not
-        _remember_checked(_CHECKED_STATUSES, status)
+        if len(_CHECKED_STATUSES) < 1000:
+            _CHECKED_STATUSES[status] = int(status[:3])
     if type(headers) is not list:
         raise TypeError('headers must be a list, not %r' % (headers,))
     has_content_length = False
@@ -2115,7 +1745,8 @@ def check_response_start(status, headers) -> bool:
             if not _HEADER_NAME_RE.match(name):
                 raise ValueError('header name %r is not a valid token'
                                  % name)
-            _remember_checked(_CHECKED_NAMES, name)
+            if len(_CHECKED_NAMES) < 1000:
+                _CHECKED_NAMES.add(name)
         # (isprintable(): a quick yes for nearly every value; the regex
         # then allows tabs and latin-1's non-printing characters)
         if not value.isprintable() and _HEADER_VALUE_BAD_RE.search(value):
@@ -2124,20 +1755,6 @@ def check_response_start(status, headers) -> bool:
         if len(name) == 14 and name.lower() == 'content-length':
             has_content_length = True
     return has_content_length
-
-
-class FileWrapper:
-    """``wsgi.file_wrapper``: a file in blocks, sent without a flush between
-    them (a file never blocks)."""
-
-    def __init__(self, filelike, blksize: int = DEFAULT_FLUSH_SIZE) -> None:
-        self.filelike = filelike
-        self.blksize = blksize
-        if hasattr(filelike, 'close'):
-            self.close = filelike.close
-
-    def __iter__(self):
-        return iter(lambda: self.filelike.read(self.blksize), b'')
 
 
 class ErrorStream:
@@ -2174,14 +1791,14 @@ _WSGI_CONSTANTS = {
     'wsgi.version': (1, 0), 'wsgi.run_once': False,
     # Greenlets run requests concurrently in one process: for the
     # application that is what threads would be.
-    'wsgi.multithread': True, 'wsgi.file_wrapper': FileWrapper,
+    'wsgi.multithread': True, 'wsgi.file_wrapper': FileWrapper,   # stdlib's
     'wsgi.input_terminated': True}
 
 
 class WSGIRequestHandler:
-    """Runs a WSGI application (PEP 3333) for each request; ``debug``
-    sends a failure's traceback to the client.  The environ also holds
-    ``fastcgi.role``, ``fastcgi.data`` and ``fastcgi.request``."""
+    """Runs a WSGI application (PEP 3333); ``debug`` sends a failure's
+    traceback to the client.  The environ also holds ``fastcgi.role``,
+    ``fastcgi.data`` and ``fastcgi.request``."""
 
     def __init__(self, app, debug: bool = False) -> None:
         if not callable(app):
@@ -2198,7 +1815,7 @@ class WSGIRequestHandler:
         environ['wsgi.url_scheme'] = _wsgi_url_scheme(environ)
         environ['wsgi.input'] = request.stdin
         environ['wsgi.errors'] = ErrorStream(request)
-        environ['wsgi.multiprocess'] = request.server.num_workers > 1
+        environ['wsgi.multiprocess'] = request.server.multiprocess
         environ['fastcgi.role'] = ROLE_NAMES.get(request.role,
                                                  str(request.role))
         environ['fastcgi.data'] = request.data
@@ -2268,14 +1885,15 @@ class WSGIResponse:
             if self.status is None:
                 raise AssertionError('the application sent body bytes '
                                      'before calling start_response()')
-            self.stdout.write(self._header_block(content_length))
+            head = self._header_block(content_length)
+            # (the stream need not read the head: we say what it is)
+            self.stdout.head_size = self.stdout.bytes_written + len(head)
+            self.request.response_status = (_CHECKED_STATUSES.get(self.status)
+                                             or int(self.status[:3]))
+            self.stdout.write(head)
             self.headers_sent = True
-            request = self.request
-            request.status_code = self.status[:3]
-            request.body_size = 0
         if data and not self.is_head:
             self.stdout.write(data)
-            self.request.body_size += len(data)
 
     def write(self, data: bytes) -> None:
         """The write() callable start_response returns: sent as soon as the
@@ -2302,17 +1920,15 @@ class WSGIResponse:
         # An iterator may block between blocks: each block leaves as soon as
         # the application waits (PEP 3333: "must not delay the transmission
         # of any block"), or with the end of the response when none comes
-        # between (what Flask and Django return: one write, not two); files
-        # do not block.
-        flush = (self.stdout.flush_soon if type(result) is not FileWrapper
-                 else None)
+        # between (what Flask and Django return: one write, not two; a
+        # file's blocks, which never wait, leave flush_size at a time).
+        flush_soon = self.stdout.flush_soon
         for chunk in result:
             if type(chunk) is not bytes:
                 raise _not_bytes(chunk)
             if chunk:
                 self._send(chunk)
-                if flush is not None:
-                    flush()
+                flush_soon()
 
     def finish(self) -> None:
         if not self.headers_sent:
@@ -2348,7 +1964,7 @@ class WSGIRefRequestHandler:
         handler = _WSGIRefHandler(
             request.stdin, request.stdout, ErrorStream(request),
             request.environ, multithread=True,
-            multiprocess=request.server.num_workers > 1)
+            multiprocess=request.server.multiprocess)
         handler.request = request
         handler.run(self.app)
 
@@ -2357,11 +1973,9 @@ class _WSGIRefHandler(BaseCGIHandler):
     # Without this the worker's own environment (secrets included) would be
     # copied into every request's environ.
     os_environ = {}
-    wsgi_file_wrapper = FileWrapper
     _in_headers = False
 
     def send_headers(self):
-        self.request.status_code = self.status[:3]
         self._in_headers = True
         try:
             super().send_headers()
@@ -2461,8 +2075,7 @@ def _to_mode(text) -> int:
 
 
 def _to_role(value) -> frozenset:
-    """FCGI_* ints or names ('responder'), one or several (a list, or text
-    separated by commas)."""
+    """FCGI_* ints or names ('responder'): one, a list, or comma-separated."""
     if isinstance(value, str):
         value = re.split(r'[,\s]+', value.strip())
     elif isinstance(value, int):
@@ -2531,6 +2144,20 @@ def parse_address(text: str):
     return (match.group(1) or '0.0.0.0', port)
 
 
+def _to_hook(value):
+    if not callable(value):
+        raise ValueError('%r is not callable' % (value,))
+    return value
+
+
+#: gunicorn's server hooks, named and called as gunicorn calls them: settings
+#: (in a --config file, or keywords of FastCGIServer) and events of the
+#: server's seam (FastCGIServer's section)
+HOOKS = ('on_starting', 'when_ready', 'pre_fork', 'post_fork',
+         'post_worker_init', 'worker_exit', 'child_exit', 'on_reload',
+         'pre_request', 'post_request', 'worker_abort')
+
+
 class Option(NamedTuple):
     name: str           # FastCGIServer keyword and Paste/Django key
     flag: Optional[str]  # command-line flag (None: not on the command line)
@@ -2569,8 +2196,7 @@ SERVER_OPTIONS = [
     Option('slow_request', '--slow-request', _optional(_to_seconds), None,
            'log the stack of requests running longer (PHP-FPM\'s slowlog)'),
     Option('worker_timeout', '--timeout', _optional(_to_seconds), None,
-           'seconds a worker\'s event loop may stay blocked before it is '
-           'killed and replaced (default: no limit)'),
+           'seconds a worker\'s loop may stay blocked before it is replaced'),
     Option('socket_owner', '--socket-owner', _optional(str), None,
            'owner of a unix socket: user, user:group or :group'),
     Option('read_timeout', '--read-timeout', _optional(_to_seconds), 60.0,
@@ -2580,41 +2206,18 @@ SERVER_OPTIONS = [
     Option('max_spool_size', '--max-spool-size', _to_int(0), 100 * 1024 * 1024,
            'unread body bytes one request may spool to disk, or 413'),
     Option('script_name', '--script-name', _optional(_to_script_name), None,
-           'where the application is mounted (/prefix): sets SCRIPT_NAME '
-           'and PATH_INFO, whatever the web server sent'),
+           'where the app is mounted (/prefix): SCRIPT_NAME, PATH_INFO'),
     Option('status_path', '--status-path', _optional(_to_path), None,
-           'the status page\'s path: ?json, ?openmetrics, ?full (PHP-FPM\'s '
-           'pm.status_path; default: off)'),
+           'the status page: ?json, ?openmetrics, ?full (pm.status_path)'),
     Option('ping_path', '--ping-path', _optional(_to_path), None,
-           'answer "pong" for this path: health checks (PHP-FPM\'s '
-           'ping.path)'),
+           'answer "pong" for this path: health checks (ping.path)'),
     Option('access_log', '--access-log', _to_access_log, None, 'access log '
            'file (combined format, then microseconds), or - for stdout'),
     Option('master', None, _optional(_to_bool), None, 'a master supervises '
            'the worker(s) (True), never (False) or as needs_master() says'),
-]
+] + [Option(name, None, _optional(_to_hook), None, "gunicorn's server hook")
+     for name in HOOKS]
 OPTIONS_BY_NAME = {option.name: option for option in SERVER_OPTIONS}
-
-
-def server_settings(options: Dict, where: str = 'FastCGIServer',
-                    unknown_error=ValueError) -> Dict:
-    """Every setting, from ``options`` (values or their text) or its
-    default; an unknown name (``unknown_error``) or a bad value (ValueError)
-    raises, naming it."""
-    unknown = set(options) - set(OPTIONS_BY_NAME)
-    if unknown:
-        raise unknown_error('%s: unknown setting %s; known settings: %s'
-                            % (where, ', '.join(map(repr, sorted(unknown))),
-                               ', '.join(sorted(OPTIONS_BY_NAME))))
-    settings = {}
-    for option in SERVER_OPTIONS:
-        value = options.get(option.name)
-        if value is None and not getattr(option.convert, 'takes_none', False):
-            settings[option.name] = option.default
-        else:
-            settings[option.name] = convert_setting(where, option.name,
-                                                    option.convert, value)
-    return settings
 
 
 def convert_setting(where: str, name: str, convert, value):
@@ -2622,19 +2225,61 @@ def convert_setting(where: str, name: str, convert, value):
     try:
         return convert(value)
     except (ValueError, TypeError) as exc:
-        raise ValueError('%s: bad value for %s: %s'
-                         % (where, name, exc)) from None
+        flag = OPTIONS_BY_NAME[name].flag if name in OPTIONS_BY_NAME else None
+        raise ValueError('%s: bad value for %s%s: %s' % (
+            where, name, ' (%s)' % flag if flag else '', exc)) from None
 
 
-def needs_master(settings: Dict) -> bool:
-    """Do these settings run workers under a master?  When asked, for
-    several workers, and for what replaces a worker (max_requests,
-    worker_timeout)."""
-    if settings.get('master') is not None:
-        return settings['master']
-    return bool(settings.get('num_workers', 1) > 1
-                or settings.get('max_requests')
-                or settings.get('worker_timeout'))
+class Settings:
+    """Every setting of SERVER_OPTIONS, an attribute each: from ``options``
+    (``given``: their names; values or their text, converted once, here) or
+    its default, checked together (a contradiction is refused, naming both).
+    A server reads them, never writes them (waitress's Adjustments)."""
+
+    def __init__(self, options: Optional[Dict] = None,
+                 where: str = 'FastCGIServer', unknown_error=ValueError):
+        options = {name: value for name, value in (options or {}).items()
+                   if value is not None}
+        unknown = set(options) - set(OPTIONS_BY_NAME)
+        if unknown:
+            raise unknown_error('%s: unknown setting %s; known settings: %s'
+                                % (where, ', '.join(map(repr, sorted(
+                                    unknown))), ', '.join(OPTIONS_BY_NAME)))
+        for option in SERVER_OPTIONS:
+            value = options.get(option.name, option.default)
+            if option.name in options:
+                value = convert_setting(where, option.name, option.convert,
+                                        value)
+            setattr(self, option.name, value)
+        self.given = frozenset(options)
+        self.master = needs_master(self)
+        for contradiction in self.contradictions():
+            raise ValueError('%s: %s' % (where, contradiction))
+
+    def contradictions(self) -> List[str]:
+        """What these settings ask for that cannot be had together."""
+        found = []
+        if not self.master:
+            needing = [name for name in ('max_requests', 'worker_timeout')
+                       if getattr(self, name)]
+            if self.num_workers > 1:
+                needing.insert(0, 'num_workers %d' % self.num_workers)
+            found += ['%s needs a master, and master is False' % name
+                      for name in needing]
+        if self.max_requests_jitter and not self.max_requests:
+            found.append('max_requests_jitter %d without max_requests'
+                         % self.max_requests_jitter)
+        return found
+
+
+def needs_master(settings) -> bool:
+    """The one rule for a master: when asked, when num_workers is given (even
+    1: gunicorn's way, a supervised worker), and for what replaces a worker
+    (max_requests, worker_timeout)."""
+    if settings.master is not None:
+        return settings.master
+    return bool('num_workers' in settings.given or settings.max_requests
+                or settings.worker_timeout)
 
 
 # Settings of the runner rather than of FastCGIServer.
@@ -2828,16 +2473,21 @@ def _unmapped(address):
     return getattr(address, 'ipv4_mapped', None) or address
 
 
-def _peer_allowed(address, allowed) -> bool:
-    # A connection that is not TCP/IP fails the check (section 3.2).
+def peer_allowed(address, allowed) -> bool:
+    """Is this peer among FCGI_WEB_SERVER_ADDRS (``allowed``; None: all
+    are)?  A connection that is not TCP/IP is not (section 3.2)."""
     import ipaddress
-    if not isinstance(address, tuple) or not address:
-        return False
+    if allowed is None:
+        return True
     try:
         peer = ipaddress.ip_address(address[0].split('%')[0])
-    except ValueError:
+    except (ValueError, TypeError, IndexError, AttributeError):
+        peer = None
+    if peer is None or _unmapped(peer) not in allowed:
+        logger.warning('connection from %s refused: not in '
+                       'FCGI_WEB_SERVER_ADDRS', address or 'a unix socket')
         return False
-    return _unmapped(peer) in allowed
+    return True
 
 
 def _chown(path: str, owner: str) -> None:
@@ -2857,10 +2507,9 @@ def _chown(path: str, owner: str) -> None:
 
 
 def inherited_addresses() -> List[int]:
-    """Listening sockets this process was started with: systemd socket
-    activation (LISTEN_FDS for our pid), else fd 0 when it is a listening
-    socket (FCGI_LISTENSOCK_FILENO: spawn-fcgi, lighttpd's bin-path, Apache
-    mod_fcgid)."""
+    """Listening sockets this process was started with: systemd's
+    (LISTEN_FDS for our pid), else fd 0 when it listens
+    (FCGI_LISTENSOCK_FILENO: spawn-fcgi, lighttpd's bin-path, mod_fcgid)."""
     if os.environ.get('LISTEN_PID') == str(os.getpid()):
         count = int(os.environ.get('LISTEN_FDS', '0'))
         for name in ('LISTEN_PID', 'LISTEN_FDS', 'LISTEN_FDNAMES'):
@@ -2878,6 +2527,45 @@ def inherited_addresses() -> List[int]:
     return [FCGI_LISTENSOCK_FILENO] if listening else []
 
 
+def open_listeners(addresses: list, settings) -> Tuple[list, List[str]]:
+    """Listening sockets for ``addresses`` (sockets, fds, (host, port) or
+    paths), and the unix socket files made; on failure, none is left."""
+    listeners, unix_paths = [], []
+    try:
+        for address in addresses:
+            if hasattr(address, 'accept'):          # a socket
+                listeners.append(address)
+            elif isinstance(address, int) and not isinstance(address, bool):
+                listeners.append(inherited_listener(address))
+            else:
+                listeners.append(create_listener(
+                    address, settings.backlog, settings.socket_mode,
+                    settings.socket_owner))
+                if listeners[-1].family == _stdlib_socket.AF_UNIX:
+                    unix_paths.append(os.fsdecode(address))
+                    _warn_if_shut_out(unix_paths[-1], settings.socket_owner)
+    except BaseException:
+        for listener in listeners:
+            listener.close()
+        for path in unix_paths:
+            with suppress(OSError):
+                os.unlink(path)
+        raise
+    if not listeners:
+        raise ValueError('address: give at least one address')
+    return listeners, unix_paths
+
+
+def _warn_if_shut_out(path: str, socket_owner) -> None:
+    mode = os.stat(path).st_mode
+    if not mode & 0o002 and not (mode & 0o020 and socket_owner):
+        logger.warning(
+            'unix socket %s is mode %04o: a web server running as another '
+            'user (nginx as www-data) gets "Permission denied" (502); give '
+            'it --socket-mode 0660 with --socket-owner :www-data, or '
+            '--socket-mode 0666', path, stat.S_IMODE(mode))
+
+
 def describe_address(address) -> str:
     if isinstance(address, int):
         return 'fd://%d' % address
@@ -2888,13 +2576,14 @@ def describe_address(address) -> str:
 
 # 11. Prefork master and workers ----------------------------------------------
 #
-# After gunicorn's arbiter: the master binds once, forks the workers, then
-# only watches them.  Signal handlers queue the signal and wake the loop
-# (select() on a pipe: no greenlet, no poll), which calls handle_<name>.  An
-# import string (AppLoader) is imported by each worker, never by the master,
-# so a reload's workers import fresh code; one that cannot exits with
-# WORKER_BOOT_ERROR.  Workers touch a heartbeat file from their event loop:
-# one blocked past worker_timeout is killed.
+# Two rooms, after gunicorn's arbiter.  The master (Arbiter) forks the
+# workers, then only watches them: signal handlers queue the signal and wake
+# the loop (select() on a pipe: no greenlet, no poll), which calls
+# handle_<name>.  Everything a child does is worker_main().  Each worker,
+# never the master, imports an import string (AppLoader), so a reload's
+# workers import fresh code.  A worker's loop touches a heartbeat file: one
+# blocked past worker_timeout is aborted, then killed.  Both tell the
+# server's watchers what happens (pre_fork, child_exit...: gunicorn's hooks).
 
 def tune_malloc(keep_free: int = 4 * DEFAULT_SPOOL_SIZE) -> None:
     """Two glibc settings, measured behind nginx (the operator's
@@ -2917,25 +2606,39 @@ def tune_malloc(keep_free: int = 4 * DEFAULT_SPOOL_SIZE) -> None:
         pass
 
 
-def reopen_log_files() -> None:
-    """SIGUSR1 (logrotate's, as for nginx and gunicorn): reopen log files."""
+HABITUAL_SIGNALS = ('SIGUSR1', 'SIGUSR2', 'SIGWINCH')
+
+
+def become_server_process() -> None:
+    """The process-wide changes of a process started to serve (run_server;
+    never on import, nor in a program embedding a server), all here: a
+    signal sent by habit (logrotate's USR1) must not kill it before its
+    handlers are in; glibc's malloc tuned (tune_malloc)."""
+    if threading.current_thread() is threading.main_thread():
+        for name in HABITUAL_SIGNALS:
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    tune_malloc()
+
+
+def reopen_log_files(server) -> None:
+    """SIGUSR1 (logrotate's, as for nginx and gunicorn): reopen log files,
+    logging's and those the server's watchers keep (the access log)."""
     named = logging.Logger.manager.loggerDict.values()
     for log in [logging.getLogger()] + [log for log in named
                                         if isinstance(log, logging.Logger)]:
         for handler in log.handlers:
             if isinstance(handler, logging.FileHandler):
-                with handler.lock:
-                    handler.flush()
-                    if handler.stream is not None:
-                        handler.stream.close()
-                    handler.stream = handler._open()
+                # setStream() flushes, and returns the old stream or None
+                with suppress(AttributeError):
+                    handler.setStream(handler._open()).close()
+    for tell in server.watchers.reopen_logs:
+        tell()
 
 
 def handle_signals(server, reload: str, worker: bool = False) -> list:
     """Signals of a serving process: TERM, INT stop gracefully, a second one
     (not in a worker: Ctrl-C and KillMode=control-group signal it with its
-    master, which forwards them too) or QUIT at once; USR1 reopens log
-    files; HUP (``reload`` says what), USR2, WINCH are logged."""
+    master) or QUIT at once; USR1 reopens logs; HUP, USR2, WINCH logged."""
     def ignored(name, what):
         logger.info('%d: %s ignored%s', os.getpid(), name, what)
     escalate = not worker
@@ -2944,7 +2647,7 @@ def handle_signals(server, reload: str, worker: bool = False) -> list:
             gevent.signal_handler(signal.SIGINT, server.shutdown, False,
                                   escalate),
             gevent.signal_handler(signal.SIGQUIT, server.shutdown, True),
-            gevent.signal_handler(signal.SIGUSR1, reopen_log_files),
+            gevent.signal_handler(signal.SIGUSR1, reopen_log_files, server),
             gevent.signal_handler(signal.SIGHUP, ignored, 'SIGHUP', reload),
             gevent.signal_handler(signal.SIGUSR2, ignored, 'SIGUSR2', ''),
             gevent.signal_handler(signal.SIGWINCH, ignored, 'SIGWINCH', '')]
@@ -2965,39 +2668,47 @@ def sd_notify(state: str) -> None:
 
 
 class Worker:
-    """The master's record of one worker process."""
+    """A worker process, as the master records it and server hooks see it."""
 
-    def __init__(self, pid: int, generation: int, heartbeat,
-                 slot: int = 0) -> None:
-        self.pid = pid
+    log = logger        # as gunicorn's: worker.log.info() in a hook
+
+    def __init__(self, generation: int = 0, heartbeat=None) -> None:
+        self.pid = 0
         self.generation = generation
-        self.heartbeat = heartbeat      # temporary file the worker touches
-        self.slot = slot                # its slot of the scoreboard
-        self.timed_out = False          # killed for worker_timeout
+        self.heartbeat = heartbeat      # a temporary file its loop touches
         self.started = time.monotonic()
-        self.retiring = False           # sent SIGTERM
         self.booted = False             # its heartbeat has begun
+        self.retiring = False           # sent SIGTERM
+        self.aborted = False            # sent SIGABRT for worker_timeout
+        self.exit_cause = None          # once reaped: why it is gone
+        self.slot = 1                   # 1..: the lowest no other one has
 
     def last_beat(self) -> float:
         """Seconds since the epoch of the last heartbeat; 0 before boot."""
         return os.fstat(self.heartbeat.fileno()).st_mtime
 
 
-class WorkerGroup:
-    """The master's record of its workers: spawning, retiring and reaping
-    them, boot failures, heartbeats, the generations of a reload.  (The
-    master's loop and its signals are Arbiter's.)"""
+class WorkerTable:
+    """The master's decisions about its workers: how many of which
+    generation run, spawning (pre_fork), retiring, reaping (child_exit: why
+    each went), heartbeats, reloads that cannot boot.  It acts through
+    fork(), reap() and kill(), which the tests replace with fakes, and never
+    stops the master: reap_workers() says when the master must."""
 
-    def __init__(self, server: 'FastCGIServer') -> None:
-        self.server = server
-        self.num_workers = server.num_workers
+    def __init__(self, arbiter: 'Arbiter') -> None:
+        self.arbiter = arbiter
+        self.server = arbiter.server
+        self.watchers = arbiter.server.watchers
+        self.wanted = self.server.settings.num_workers
         self.workers: Dict[int, Worker] = {}
         self.generation = 0
         self.served = False     # a worker booted: boot failures are retried
         self.boot_delay = 0     # seconds, doubling with each boot failure
         self.spawn_after = 0.0  # no spawning before (monotonic)
-        self.running = False    # the master serves: workers are replaced
         self.ready = None       # the generation that last became ready
+
+    def __iter__(self):
+        return iter(list(self.workers.values()))
 
     def current(self) -> List[Worker]:
         return [w for w in self.workers.values()
@@ -3005,98 +2716,112 @@ class WorkerGroup:
 
     def spawn_workers(self) -> None:
         current = self.current()
-        while (self.running and len(current) < self.num_workers
-               and time.monotonic() >= self.spawn_after):
+        while len(current) < self.wanted and time.monotonic() >= \
+                self.spawn_after:
             current.append(self.spawn_worker())
         # TTOU: the oldest of the current generation go first
         for worker in sorted(current, key=lambda w: w.started)[
-                :max(0, len(current) - self.num_workers)]:
+                :max(0, len(current) - self.wanted)]:
             self.retire(worker, 'there are more workers than wanted')
 
     def spawn_worker(self) -> Worker:
-        heartbeat = tempfile.TemporaryFile(prefix='gevent-fastcgi-')
-        os.utime(heartbeat.fileno(), (0, 0))
+        worker = Worker(self.generation, tempfile.TemporaryFile(
+            prefix='gevent-fastcgi-'))
+        os.utime(worker.heartbeat.fileno(), (0, 0))
+        worker.slot = min(set(range(1, len(self.workers) + 2))
+                          - {w.slot for w in self.workers.values()})
+        for tell in self.watchers.pre_fork:
+            tell(self.server, worker)
         # The master's signals wait until the child has reset its
         # handlers: one that came in between would run the master's
         # handler in the child, and a worker told to stop while it booted
         # would serve on.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, [
-            getattr(signal, name) for name in self.SIGNALS])
-        slot = min(set(range(1, len(self.workers) + 2)) - {
-            w.slot for w in self.workers.values()})
+            getattr(signal, name) for name in Arbiter.SIGNALS])
         try:
-            # Not gevent.fork(): it starts a libev child watcher, and libev
-            # then takes SIGCHLD from us: a dead worker would wait a poll.
-            pid = gevent.os.fork_gevent()
-            if pid == 0:
-                board = self.server.scoreboard
-                if board is not None and slot <= board.slots:
-                    board.take_slot(slot, self.generation)
-                elif board is not None:     # more workers than slots
-                    self.server.scoreboard = self.server.status_path = None
-                self._run_worker(heartbeat, mask)   # never returns
+            worker.pid = self.fork()
+            if worker.pid == 0:
+                worker_main(self.arbiter, worker, mask)     # never returns
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        worker = Worker(pid, self.generation, heartbeat, slot)
-        self.workers[pid] = worker
-        logger.info('worker %d started (generation %d)', pid, self.generation)
+        self.workers[worker.pid] = worker
+        logger.info('worker %d started (generation %d)', worker.pid,
+                    self.generation)
         return worker
 
+    def fork(self) -> int:
+        # Not gevent.fork(): it starts a libev child watcher, and libev
+        # then takes SIGCHLD from us: a dead worker would wait a poll.
+        return gevent.os.fork_gevent()
+
     def retire(self, worker: Worker, why: str) -> None:
-        if worker.retiring:
-            return
-        worker.retiring = True
-        logger.info('worker %d: stopping gracefully: %s', worker.pid, why)
-        self.kill(worker.pid, signal.SIGTERM)
+        if not worker.retiring:
+            worker.retiring = True
+            logger.info('worker %d: stopping gracefully: %s', worker.pid, why)
+            self.kill(worker.pid, signal.SIGTERM)
+
+    def signal_all(self, sig: int) -> None:
+        for worker in self:
+            self.kill(worker.pid, sig)
 
     def finish_reload(self) -> None:
         """Once the current generation has booted, the server is ready
-        (systemd's READY=1) and the old generations drain."""
+        (READY=1, the when_ready hook) and the old generations drain."""
         current = self.current()
-        if (len(current) < self.num_workers or self.ready == self.generation
+        if (len(current) < self.wanted or self.ready == self.generation
                 or not all(w.booted for w in current)):
             return
+        if self.ready is None:
+            for tell in self.watchers.when_ready:
+                tell(self.server)
         self.ready = self.generation
         sd_notify('READY=1\nMAINPID=%d' % os.getpid())
-        for worker in list(self.workers.values()):
+        for worker in self:
             if worker.generation < self.generation:
                 self.retire(worker, 'replaced by generation %d'
                             % self.generation)
 
-    def reap_workers(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if not pid:
-                return
-            worker = self.workers.pop(pid, None)
-            if worker is None:
-                continue
-            worker.heartbeat.close()
-            board = self.server.scoreboard
-            if board is not None and worker.slot <= board.slots:
-                board.free_slot(worker.slot)
-                if self.running:
-                    board.add('restarts_' + (
-                        'worker_timeout' if worker.timed_out
-                        else 'signal' if os.WIFSIGNALED(status)
-                        else 'exit' if os.WEXITSTATUS(status)
-                        else 'reload' if worker.retiring
-                        else 'max_requests'))
-            if os.WIFSIGNALED(status):
-                logger.warning('worker %d killed by signal %s', pid,
-                               signal.Signals(os.WTERMSIG(status)).name)
-            elif os.WEXITSTATUS(status) == WORKER_BOOT_ERROR:
-                self.boot_failed(worker)
-            elif os.WEXITSTATUS(status):
-                logger.warning('worker %d exited with status %d', pid,
-                               os.WEXITSTATUS(status))
-            else:
-                logger.info('worker %d exited', pid)
+    def reap(self) -> Tuple[int, int]:
+        """(pid, status) of a worker that has exited, or (0, 0)."""
+        try:
+            return os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return 0, 0
 
-    def boot_failed(self, worker: Worker) -> None:
+    def reap_workers(self, running: bool = True) -> bool:
+        """Reap the workers that have exited, saying why each went (when
+        ``running``); True when one could not boot and none ever did."""
+        cannot_boot = False
+        while True:
+            pid, status = self.reap()
+            worker = self.workers.pop(pid, None)
+            if not pid:
+                return cannot_boot
+            if worker is not None:
+                cannot_boot |= self.worker_exited(worker, status, running)
+
+    def worker_exited(self, worker: Worker, status: int, running: bool) -> bool:
+        worker.heartbeat.close()
+        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+        if code is None:
+            logger.warning('worker %d killed by signal %s', worker.pid,
+                           signal.Signals(os.WTERMSIG(status)).name)
+        elif code:
+            logger.warning('worker %d exited with status %d', worker.pid, code)
+        else:
+            logger.info('worker %d exited', worker.pid)
+        if running:
+            worker.exit_cause = (
+                'worker_timeout' if worker.aborted
+                else 'signal' if code is None else 'exit' if code
+                else 'reload' if worker.retiring else 'max_requests')
+        for tell in self.watchers.child_exit:
+            tell(self.server, worker)
+        return code == WORKER_BOOT_ERROR and self.boot_failed(worker)
+
+    def boot_failed(self, worker: Worker) -> bool:
+        """A worker could not load the application: True when none ever
+        could (the master stops), else a reload or replacement failed."""
         older = [w for w in self.workers.values()
                  if w.generation < worker.generation]
         if older:
@@ -3104,120 +2829,125 @@ class WorkerGroup:
             # (they are retired only once every new one has booted).
             logger.error('worker %d failed to boot: reload abandoned, the '
                          'previous workers keep serving', worker.pid)
-            for other in self.workers.values():
+            for other in self:
                 if other.generation >= worker.generation:
                     other.retiring = True
                     self.kill(other.pid, signal.SIGKILL)
             self.generation = max(w.generation for w in older)
-            return
+            return False
         if not self.served:
             logger.error('worker %d failed to boot (see the error above): '
                          'stopping', worker.pid)
-            self.exit_status = WORKER_BOOT_ERROR
-            self.stop(graceful=False)
-            return
+            return True
         # Code that served once and now fails to import (a broken deploy
-        # found by a replacement worker): the workers that serve go on,
-        # and the boot is tried again, less and less often.
+        # found by a replacement worker): the workers that serve go on, and
+        # the boot is tried again, less and less often.
         self.boot_delay = min(max(1, self.boot_delay * 2), 60)
         self.spawn_after = time.monotonic() + self.boot_delay
         logger.error('worker %d failed to boot (see the error above): %d '
                      'workers left; next try in %ds', worker.pid,
                      len(self.workers), self.boot_delay)
+        return False
 
     def check_heartbeats(self) -> None:
-        """Note workers that have booted; kill those whose event loop has
-        been blocked past worker_timeout."""
-        timeout = self.server.worker_timeout
+        """Note workers that have booted; abort those whose event loop has
+        been blocked past worker_timeout (SIGABRT: the worker_abort hook
+        runs, if the loop lets it), and kill them at the next check."""
+        timeout = self.server.settings.worker_timeout
         now = time.time()
-        for worker in list(self.workers.values()):
+        for worker in self:
             beat = worker.last_beat()
             if beat and not worker.booted:
                 worker.booted = self.served = True
                 self.boot_delay = 0
-            if timeout and beat and now - beat > timeout:
-                logger.error('worker %d: event loop blocked for more than %gs '
-                             '(worker_timeout): killed; it wrote the stack of '
-                             'the code blocking it above', worker.pid, timeout)
-                worker.timed_out = True
+            if worker.aborted:
                 self.kill(worker.pid, signal.SIGKILL)
+            elif timeout and beat and now - beat > timeout:
+                logger.error('worker %d: event loop blocked for more than %gs '
+                             '(worker_timeout): aborted; it wrote the stack '
+                             'of the code blocking it above', worker.pid,
+                             timeout)
+                worker.aborted = True
+                self.kill(worker.pid, signal.SIGABRT)
 
-    @staticmethod
-    def kill(pid: int, sig: int) -> None:
+    def kill(self, pid: int, sig: int) -> None:
         with suppress(ProcessLookupError):
             os.kill(pid, sig)
 
 
-class Arbiter(WorkerGroup):
-    """Runs ``server`` in ``server.num_workers`` forked processes; its
-    signals are README.rst's table (TERM, INT, QUIT, HUP, TTIN, TTOU, USR1;
-    USR2 and WINCH logged)."""
+class Arbiter:
+    """The master process: keeps its WorkerTable serving, and takes
+    README.rst's signals (TERM, INT, QUIT, HUP, TTIN, TTOU, USR1; USR2 and
+    WINCH logged): handlers queue them, the loop calls handle_<name>."""
 
     SIGNALS = ('SIGTERM', 'SIGINT', 'SIGQUIT', 'SIGHUP', 'SIGTTIN',
                'SIGTTOU', 'SIGCHLD', 'SIGUSR1', 'SIGUSR2', 'SIGWINCH')
     STOP_SIGNALS = frozenset((signal.SIGTERM, signal.SIGINT, signal.SIGQUIT))
 
-    def __init__(self, server: 'FastCGIServer') -> None:
-        super().__init__(server)
-        self.signal_queue: List[int] = []
+    def __init__(self, server, table=WorkerTable) -> None:
+        self.server = server
         self.pid = os.getpid()
+        self.workers = table(self)
+        self.running = False    # serving: workers are replaced
+        self.signal_queue: List[int] = []
         self.exit_status = 0
-        self._wake_r = self._wake_w = None
+        self.wake_r = self.wake_w = None
         # workers wait for EOF on this pipe: we closed our listeners
-        self._listening_r = self._listening_w = None
-
-    # -- the master's loop ----------------------------------------------------
+        self.listening_r = self.listening_w = None
 
     def run(self) -> int:
-        import select
-        self._wake_r, self._wake_w = os.pipe()
-        for fd in (self._wake_r, self._wake_w):
+        self.wake_r, self.wake_w = os.pipe()
+        for fd in (self.wake_r, self.wake_w):
             os.set_blocking(fd, False)
-        self._listening_r, self._listening_w = os.pipe()
+        self.listening_r, self.listening_w = os.pipe()
         for name in self.SIGNALS:
             signal.signal(getattr(signal, name), self._queue_signal)
         self.running = True
         logger.info('master %d: serving %s with %d workers', os.getpid(),
                     ', '.join(map(describe_address, self.server.addresses)),
-                    self.num_workers)
+                    self.workers.wanted)
         try:
-            self.spawn_workers()
             while self.running:
-                while self.signal_queue and self.running:
-                    signum = self.signal_queue.pop(0)
-                    name = signal.Signals(signum).name
-                    getattr(self, 'handle_' + name[3:].lower())()
-                if not self.running:
-                    break
-                self.reap_workers()
-                self.check_heartbeats()
-                self.finish_reload()
-                self.spawn_workers()
-                try:
-                    select.select([self._wake_r], [], [], 1.0)
-                    os.read(self._wake_r, 4096)
-                except (InterruptedError, BlockingIOError):
-                    pass
+                self.step()
+        except BaseException:
+            self.exit_status = 1    # (a when_ready hook that failed...)
+            self.stop(graceful=False)
+            raise
         finally:
             for name in self.SIGNALS:
                 signal.signal(getattr(signal, name), signal.SIG_DFL)
-            os.close(self._wake_r)
-            os.close(self._wake_w)
+            for fd in (self.wake_r, self.wake_w, self.listening_r):
+                os.close(fd)
             self._close_listeners()
-            os.close(self._listening_r)
-            self.server._remove_unix_sockets()
-        logger.info('master %d: stopped', os.getpid())
+            self.server.remove_unix_sockets()
+            logger.info('master %d: stopped', os.getpid())
         return self.exit_status
 
+    def step(self, timeout: float = 1.0) -> None:
+        """One turn of the loop: the queued signals, then the workers."""
+        import select
+        while self.signal_queue and self.running:
+            name = signal.Signals(self.signal_queue.pop(0)).name
+            getattr(self, 'handle_' + name[3:].lower())()
+        if not self.running:
+            return
+        workers = self.workers
+        if workers.reap_workers():
+            self.exit_status = WORKER_BOOT_ERROR
+            self.stop(graceful=False)
+            return
+        workers.check_heartbeats()
+        workers.finish_reload()
+        workers.spawn_workers()
+        with suppress(InterruptedError, BlockingIOError):
+            select.select([self.wake_r], [], [], timeout)
+            os.read(self.wake_r, 4096)
+
     def _queue_signal(self, signum, frame) -> None:
-        self.signal_queue.append(signum)
+        if signum != signal.SIGCHLD:    # (it only wakes the loop, to reap)
+            self.signal_queue.append(signum)
         with suppress(OSError):
-            os.write(self._wake_w, b'.')
-
-    # -- signals --------------------------------------------------------------
-
-    def handle_chld(self) -> None:
-        self.reap_workers()
+            os.write(self.wake_w, b'.')
 
     def handle_term(self) -> None:
         logger.info('master %d: graceful stop', os.getpid())
@@ -3231,17 +2961,16 @@ class Arbiter(WorkerGroup):
 
     def handle_hup(self) -> None:
         sd_notify('RELOADING=1')
-        self.generation += 1
-        if self.server.scoreboard is not None:
-            self.server.scoreboard.add('generation')
+        self.workers.generation += 1
         logger.info('master %d: reloading: starting worker generation %d',
-                    os.getpid(), self.generation)
+                    os.getpid(), self.workers.generation)
+        for tell in self.server.watchers.on_reload:
+            tell(self.server)
 
     def handle_usr1(self) -> None:
         logger.info('master %d: reopening log files', os.getpid())
-        reopen_log_files()
-        for worker in self.workers.values():
-            self.kill(worker.pid, signal.SIGUSR1)
+        reopen_log_files(self.server)
+        self.workers.signal_all(signal.SIGUSR1)
 
     def handle_usr2(self) -> None:
         logger.warning('master %d: SIGUSR2 ignored (there is no binary '
@@ -3251,8 +2980,8 @@ class Arbiter(WorkerGroup):
         logger.info('master %d: SIGWINCH ignored', os.getpid())
 
     def handle_ttin(self, change: int = 1) -> None:
-        self.num_workers = max(1, self.num_workers + change)
-        logger.info('master %d: %d workers', os.getpid(), self.num_workers)
+        self.workers.wanted = max(1, self.workers.wanted + change)
+        logger.info('master %d: %d workers', os.getpid(), self.workers.wanted)
 
     def handle_ttou(self) -> None:
         self.handle_ttin(-1)
@@ -3262,107 +2991,102 @@ class Arbiter(WorkerGroup):
         (see FastCGIServer.stop): the last copy must be one that the
         backlog was just taken from, or what waits there is reset."""
         self.server.close()
-        if self._listening_w is not None:
-            os.close(self._listening_w)
-            self._listening_w = None
+        if self.listening_w is not None:
+            os.close(self.listening_w)
+            self.listening_w = None
 
     def stop(self, graceful: bool = True) -> None:
+        """Stop every worker (gracefully: within graceful_timeout), then
+        return; a second stop signal meanwhile makes it immediate."""
         sd_notify('STOPPING=1')
         self._close_listeners()
         self.running = False
-        for worker in self.workers.values():
-            self.kill(worker.pid, signal.SIGTERM if graceful
-                      else signal.SIGQUIT)
-        deadline = time.monotonic() + (self.server.stop_timeout + 2
-                                       if graceful else 3)
-        while self.workers and time.monotonic() < deadline:
+        workers = self.workers
+        workers.signal_all(signal.SIGTERM if graceful else signal.SIGQUIT)
+        deadline = time.monotonic() + (
+            self.server.settings.stop_timeout + 2 if graceful else 3)
+        while workers.workers and time.monotonic() < deadline:
             if graceful and self.STOP_SIGNALS.intersection(self.signal_queue):
-                # a second stop signal (a QUIT after a TERM, a second INT)
                 logger.info('master %d: stopping at once', os.getpid())
                 graceful = False
-                for worker in self.workers.values():
-                    self.kill(worker.pid, signal.SIGQUIT)
+                workers.signal_all(signal.SIGQUIT)
                 deadline = min(deadline, time.monotonic() + 3)
-            self.reap_workers()
+            workers.reap_workers(running=False)
             time.sleep(0.02)
-        for worker in list(self.workers.values()):
+        for worker in workers:
             logger.warning('worker %d did not stop in time: killed',
                            worker.pid)
-            self.kill(worker.pid, signal.SIGKILL)
-        while self.workers:
-            self.reap_workers()
+            workers.kill(worker.pid, signal.SIGKILL)
+        while workers.workers:
+            workers.reap_workers(running=False)
             time.sleep(0.01)
 
-    # -- inside a worker ------------------------------------------------------
 
-    def _run_worker(self, heartbeat, mask) -> None:
-        """In the forked child: forget the master's state, then serve."""
-        status = 1
+def worker_main(arbiter: Arbiter, worker: Worker, mask) -> None:
+    """Everything a worker does, from the fork to its exit (never returns):
+    forget the master's state, load the application (or exit with
+    WORKER_BOOT_ERROR), serve until told to stop or until max_requests."""
+    server = arbiter.server
+    worker.pid = os.getpid()
+    status = 1
+    try:
+        for name in Arbiter.SIGNALS:
+            # until the worker's own handlers: as an unsupervised process
+            # would, except that a habit does not kill it
+            signal.signal(getattr(signal, name), signal.SIG_IGN
+                          if name in HABITUAL_SIGNALS else signal.SIG_DFL)
+        signal.signal(signal.SIGABRT, lambda signum, frame: _abort_worker(
+            server, worker))
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        for fd in (arbiter.wake_r, arbiter.wake_w, arbiter.listening_w):
+            os.close(fd)
+        for other in arbiter.workers:
+            other.heartbeat.close()
+        for tell in server.watchers.post_fork:
+            tell(server, worker)
         try:
-            for name in self.SIGNALS:
-                # until the worker's own handlers: as an unsupervised
-                # process would, except that a habit does not kill it
-                signal.signal(getattr(signal, name), signal.SIG_IGN
-                              if name in ('SIGUSR1', 'SIGUSR2', 'SIGWINCH')
-                              else signal.SIG_DFL)
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-            os.close(self._wake_r)
-            os.close(self._wake_w)
-            os.close(self._listening_w)
-            self.server.master_listening = self._listening_r
-            for other in self.workers.values():
-                other.heartbeat.close()
-            status = run_worker(self.server, heartbeat, self.pid)
-        except BaseException:
-            logger.exception('worker %d failed', os.getpid())
-        finally:
-            logging.shutdown()
-            os._exit(status)
-
-
-def run_worker(server, heartbeat, master: int) -> int:
-    """A worker's life: load the application, serve until told to stop
-    (or until max_requests), touching ``heartbeat`` from the event loop;
-    return the worker's exit status."""
-    if isinstance(server.request_handler, AppLoader):
-        try:
-            server.request_handler = server.request_handler.load()
+            server.load_application()
         except Exception:
             logger.exception('worker %d: cannot load the application',
                              os.getpid())
-            return WORKER_BOOT_ERROR
-    tune_malloc()
-    if server.max_requests:
-        # Drawn in each worker (random is reseeded in a fork), so that
-        # workers do not all retire at once.
-        server.retire_after = server.max_requests + random.randint(
-            0, server.max_requests_jitter)
-
-        def retire():
-            logger.info('worker %d: retiring after %d requests '
-                        '(max_requests)', os.getpid(), server.requests_served)
-            server.master_listening = None      # it listens on: no wait
-            server.shutdown()
-        server.retire = retire
-        logger.info('worker %d: retires after %d requests (max_requests)',
-                    os.getpid(), server.retire_after)
-    server.start()
-    beat = _heartbeat(server, heartbeat.fileno(), master)
-    handle_signals(server, ' (the master reloads)', worker=True)
-    server.serve_until_shutdown()
-    beat.close()
-    faulthandler.cancel_dump_traceback_later()
-    return 0
+            status = WORKER_BOOT_ERROR
+            return
+        tune_malloc()
+        server.become_worker(worker, arbiter.listening_r)
+        server.start()
+        beat = heartbeat(server, worker.heartbeat.fileno(), arbiter.pid)
+        handle_signals(server, ' (the master reloads)', worker=True)
+        for tell in server.watchers.post_worker_init:
+            tell(worker)
+        server.serve_until_shutdown()
+        beat.close()
+        faulthandler.cancel_dump_traceback_later()
+        status = 0
+    except BaseException:
+        logger.exception('worker %d failed', os.getpid())
+    finally:
+        for tell in server.watchers.worker_exit:
+            tell(server, worker)
+        logging.shutdown()
+        os._exit(status)
 
 
-def _heartbeat(server, fd: int, master: int):
-    """Touch ``fd`` now and then from the event loop (a timer, no greenlet);
-    stop the worker once its master is gone (killed, or out of memory): a
-    worker left behind would serve old code, and keep a new server from
-    its address.  With worker_timeout, a watchdog thread (faulthandler's,
-    in C) writes the stack of the code that blocks the loop to the log
-    just before the master kills the worker for it."""
-    timeout = server.worker_timeout
+def _abort_worker(server, worker: Worker) -> None:
+    """SIGABRT, past worker_timeout: the worker_abort hook, then exit (a
+    handler of signal's, not gevent's: the event loop is what is blocked)."""
+    for tell in server.watchers.worker_abort:
+        tell(worker)
+    logging.shutdown()
+    os._exit(1)
+
+
+def heartbeat(server, fd: int, master: int):
+    """Touch ``fd`` now and then from the event loop (a timer); stop once
+    the master is gone (killed, out of memory): a worker left behind would
+    serve old code and keep a new server from its address.  With
+    worker_timeout, a watchdog thread (faulthandler's) writes the stack of
+    the code blocking the loop just before the master aborts us for it."""
+    timeout = server.settings.worker_timeout
     interval = min(1.0, timeout / 4.0) if timeout else 1.0
 
     def beat():
@@ -3384,93 +3108,123 @@ def _heartbeat(server, fd: int, master: int):
     return timer
 
 
-def tick(server) -> None:
-    """Four times a second: the slow log (PHP-FPM's slowlog: a request
-    running past slow_request is logged once, with the stack its
-    greenlet waits in), this process's part of the status page, and the
-    access log's lines to its file."""
-    now = time.time()
-    board = server.scoreboard
-    for request in in_flight(server) if server.slow_request else ():
-        if (now - request.started > server.slow_request
-                and request not in server._slow_logged):
-            server._slow_logged.add(request)
-            if board is not None:
-                board.counts[_SLOW] += 1
-            logger.warning(
-                'slow request: worker %d, %r running for %.1fs, waiting '
-                'in:\n%s', os.getpid(), request, now - request.started,
-                ''.join(traceback.format_stack(
-                    request.greenlet.gr_frame)).rstrip())
-    if board is not None:
-        publish_requests(server, server.active_requests)
-    if isinstance(server.access_log, AccessLogFile):
-        server.access_log.flush()
-
-
 # 12. FastCGIServer -----------------------------------------------------------
+#
+# The server's state is declared in one block and changes through its own
+# methods only.  The request path and the master tell it what happens
+# (request_admitted, request_ended, pre_fork...), and it tells its watchers:
+# the one seam, which gunicorn's server hooks watch (under their names,
+# called as gunicorn calls them), and what the next section subscribes.
+
+#: the seam's events: gunicorn's server hooks, then the server's own (in a
+#: process: serving from its start, stopped once drained; USR1)
+EVENTS = HOOKS + ('connection_opened', 'connection_closed', 'request_refused',
+                  'serving', 'stopped', 'reopen_logs')
+#: a hook that raises stops the start; any other is logged, and ignored
+STARTUP_HOOKS = frozenset(('on_starting', 'when_ready'))
+
+
+class Watchers:
+    """The seam: for each event (EVENTS), a tuple of the callables that
+    watch it: one nobody watches costs its raiser one attribute check."""
+
+    __slots__ = EVENTS
+
+    def __init__(self) -> None:
+        for name in EVENTS:
+            setattr(self, name, ())
+
+    def add(self, event: str, function) -> None:
+        setattr(self, event, getattr(self, event) + (function,))
+
+    def add_hooks(self, settings) -> None:
+        """The server hooks among ``settings`` (HOOKS)."""
+        for name in HOOKS:
+            hook = getattr(settings, name)
+            if hook is not None:
+                self.add(name, _guarded(name, hook))
+
+
+def _guarded(name: str, hook):
+    def guarded(*args) -> None:
+        try:
+            hook(*args)
+        except Exception as exc:
+            if name in STARTUP_HOOKS:
+                raise StartupError('the %s hook failed: %s: %s' % (
+                    name, type(exc).__name__, exc)) from exc
+            logger.exception('server hook %s failed (the server goes on)', name)
+    return guarded
+
+
+def answer_ping(request: Request) -> None:
+    """The ping page (ping_path): health checks."""
+    request.stdout.write(plain_response('200 OK', b'pong\n'))
+
 
 class FastCGIServer(StreamServer):
     """Runs ``request_handler(request)`` for each request of the web servers
     that connect to ``address`` ((host, port), a unix socket path, a
     listening socket or its fd, or a list of these; bound at once).
-    ``options``: SERVER_OPTIONS.  serve_forever() serves here, or runs a
-    master and workers (needs_master)."""
+    ``options``: SERVER_OPTIONS (hooks included), or a Settings.
+    serve_forever() serves here, or runs a master and workers."""
 
     connection_class = Connection
     #: a stopping server closes a kept-open idle connection once it has been
     #: idle this long (Connection.close_when_idle says why)
     drain_idle_time = 0.5
-    #: a worker retires after this many requests (set in each worker from
-    #: max_requests; 0: never) by calling retire(), which the worker sets
-    retire_after = 0
-    retire = None
-    #: a worker's end of a pipe the master closes with its listeners
-    master_listening = None
+    #: functions called with each new server, to watch what its settings
+    #: switch on (the status page, logs: the next section adds them)
+    watched_by: List = []
 
-    def __init__(self, address, request_handler, **options) -> None:
+    def __init__(self, address, request_handler,
+                 settings: Optional[Settings] = None, **options) -> None:
         if not callable(request_handler):
             raise TypeError('request_handler %r is not callable'
                             % (request_handler,))
         # An unknown keyword is a TypeError, as Python's own are; it must
         # never reach gevent, which takes extra keywords as SSL options.
-        settings = server_settings(options, unknown_error=TypeError)
+        if settings is None:
+            settings = Settings(options, unknown_error=TypeError)
+        elif options:
+            raise TypeError('give settings or keywords, not both')
+        # The server's state (these change through its methods only):
         self.settings = settings
         self.request_handler = request_handler
-        for name, value in settings.items():
-            setattr(self, name, value)
-        self.requests_served = 0
-        self.web_server_addrs = _web_server_addrs()
-        self.scoreboard = Scoreboard() if self.status_path else None
-        self._slow_logged = weakref.WeakSet()
-        self.access_log = configure_access_log(settings['access_log'])
-        self.active_requests = 0
+        self.watchers = Watchers()
+        self.pages = {}                 # path: a handler answering there
+        self.multiprocess = settings.master     # (TTIN may add workers)
+        self.worker = Worker()          # this process, as hooks see it
+        self.active_requests = 0        # admitted, not yet released
+        self.requests_served = 0        # handlers that have ended
+        self.retire_after = 0           # a worker's max_requests, drawn
         self.stopping = False
+        self.stop_timeout = settings.stop_timeout   # gevent's, and shutdown's
         self.connections = set()
         self.unix_paths = []            # socket files we made, and remove
+        self.extra_listeners = []       # listeners beyond the first
+        self.master_listening = None    # a worker's end of the master's pipe
+        self.web_server_addrs = _web_server_addrs()
         self._bound_by_pid = os.getpid()
         self._stop_requested = gevent.event.Event()
-        listeners = []
+        self._serve_on(address)
+        if settings.ping_path is not None:
+            self.add_page(settings.ping_path, answer_ping)
+        self.watchers.add_hooks(settings)
+        for watch in self.watched_by:
+            watch(self)
+
+    def _serve_on(self, address) -> None:
         given = address if isinstance(address, list) else [address]
-        try:
-            for one in given:
-                listeners.append(self._listen(one, settings['backlog']))
-        except BaseException:
-            for listener in listeners:
-                listener.close()
-            self._remove_unix_sockets()
-            raise
-        if not listeners:
-            raise ValueError('address: give at least one address')
-        if self.num_workers > 1:
+        listeners, self.unix_paths = open_listeners(given, self.settings)
+        if self.multiprocess:
             # Several processes share the socket: each takes one connection
             # per wake-up so that the load spreads over them.
             self.max_accept = 1
-        StreamServer.__init__(self, listeners[0],
-                              spawn=gevent.pool.Pool(self.max_conns))
+        StreamServer.__init__(self, listeners[0], spawn=gevent.pool.Pool(
+            self.settings.max_conns))
         # Further addresses: listeners of their own that share our pool
         # (max_conns), our handle and so our request count (max_reqs).
-        self.extra_listeners = []
         for listener in listeners[1:]:
             extra = StreamServer(listener, self.handle, spawn=self.pool)
             extra.max_accept = self.max_accept
@@ -3481,86 +3235,86 @@ class FastCGIServer(StreamServer):
         self.addresses = [self.address] + [extra.address
                                            for extra in self.extra_listeners]
 
-    def _listen(self, address, backlog: int):
-        if hasattr(address, 'accept'):          # a socket
-            return address
-        if isinstance(address, int) and not isinstance(address, bool):
-            return inherited_listener(address)
-        listener = create_listener(address, backlog, self.socket_mode,
-                                   self.socket_owner)
-        if listener.family == _stdlib_socket.AF_UNIX:
-            path = os.fsdecode(address)
-            self.unix_paths.append(path)
-            mode = os.stat(path).st_mode
-            if not mode & 0o002 and not (mode & 0o020 and self.socket_owner):
-                logger.warning(
-                    'unix socket %s is mode %04o: a web server running as '
-                    'another user (nginx as www-data) gets "Permission '
-                    'denied" (502); give it --socket-mode 0660 with '
-                    '--socket-owner :www-data, or --socket-mode 0666', path,
-                    stat.S_IMODE(mode))
-        return listener
+    # -- what the request path and the master tell the server ---------------
+
+    def handle(self, sock, address) -> None:
+        if not peer_allowed(address, self.web_server_addrs):
+            sock.close()
+            return
+        connection = self.connection_class(self, sock, address)
+        self.connections.add(connection)
+        for tell in self.watchers.connection_opened:
+            tell(connection)
+        if self.stopping:       # taken from the backlog by stop()
+            connection.close_when_idle(self.drain_idle_time)
+        connection.run()
+
+    def connection_closed(self, connection) -> None:
+        self.connections.discard(connection)
+        for tell in self.watchers.connection_closed:
+            tell(connection)
+
+    def request_admitted(self, request: Request) -> None:
+        """Its BEGIN_REQUEST was accepted: it counts against max_reqs."""
+        self.active_requests += 1
+
+    def request_released(self, request: Request) -> None:
+        """It has left its connection (ended, or the connection closed)."""
+        self.active_requests -= 1
+
+    def request_refused(self, request: Optional[Request], why: str) -> None:
+        """Refused at its BEGIN_REQUEST (no Request yet), or over a limit."""
+        for tell in self.watchers.request_refused:
+            tell(request, why)
+
+    def request_started(self, request: Request):
+        """In its greenlet, as its handler is about to run (pre_request):
+        the handler, a page's at its path (ping, status) or the app."""
+        for tell in self.watchers.pre_request:
+            tell(self.worker, request)
+        pages = self.pages
+        if pages:
+            return pages.get(request_path(request.environ),
+                             self.request_handler)
+        return self.request_handler
+
+    def request_ended(self, request: Request) -> None:
+        """Its handler has ended, its response out (or failed): watchers are
+        told (post_request); a worker retires after max_requests."""
+        self.requests_served += 1
+        for tell in self.watchers.post_request:
+            tell(self.worker, request, request.environ, request)
+        if self.requests_served == self.retire_after:
+            logger.info('worker %d: retiring after %d requests '
+                        '(max_requests)', os.getpid(), self.requests_served)
+            self.master_listening = None        # the master listens on
+            self.shutdown(escalate=False)
+
+    def add_page(self, path: str, handler) -> None:
+        """Answer requests for ``path`` with ``handler`` (a request handler)
+        instead of the application: the ping and status pages."""
+        self.pages[path] = handler
+
+    # -- serving --------------------------------------------------------------
 
     def start(self) -> None:
         StreamServer.start(self)
         for extra in self.extra_listeners:
             extra.start()
-        board = self.scoreboard
-        if board is not None and not board.ints[board.base + _PID]:
-            board.take_slot(1, 0)       # serving without a master
-        if (self.slow_request or self.scoreboard is not None
-                or isinstance(self.access_log, AccessLogFile)):
-            # (the status page's requests in flight are this fresh)
-            every = min(0.25, (self.slow_request or 1.0) / 2)
-            self._ticker = gevent.get_hub().loop.timer(every, every)
-            self._ticker.start(tick, self)
-
-    _ticker = None
+        for tell in self.watchers.serving:
+            tell(self)
 
     def close(self) -> None:
         for extra in getattr(self, 'extra_listeners', ()):
             extra.close()
         StreamServer.close(self)
 
-    _request_greenlets = None
-
-    def request_greenlets(self) -> RequestGreenlets:
-        """This process's RequestGreenlets (a fork has a hub of its own)."""
-        runner = self._request_greenlets
-        if runner is None or runner.hub is not gevent.get_hub():
-            runner = self._request_greenlets = RequestGreenlets()
-        return runner
-
-    def handle(self, sock, address) -> None:
-        if self.web_server_addrs is not None and not _peer_allowed(
-                address, self.web_server_addrs):
-            logger.warning('connection from %s refused: not in '
-                           'FCGI_WEB_SERVER_ADDRS', address or 'a unix socket')
-            sock.close()
-            return
-        connection = self.connection_class(self, sock, address)
-        self.connections.add(connection)
-        if self.stopping:       # taken from the backlog by stop()
-            connection.close_when_idle(self.drain_idle_time)
-        board = self.scoreboard
-        if board is None:
-            connection.run()
-            return
-        board.counts[_ACCEPTED] += 1
-        board.counts[_OPEN] += 1
-        try:
-            connection.run()
-        finally:
-            board.counts[_OPEN] -= 1
-
     def stop(self, timeout=None) -> None:
         """Stop accepting; idle connections close now, busy ones when their
         last request ends; what still runs after ``timeout`` (default
-        stop_timeout) is cancelled."""
+        graceful_timeout) is cancelled."""
         self.stopping = True
         self._stop_requested.set()
-        if self._ticker is not None:
-            self._ticker.close()
         for connection in list(self.connections):
             connection.close_when_idle(self.drain_idle_time)
         if self.master_listening is not None:
@@ -3581,11 +3335,11 @@ class FastCGIServer(StreamServer):
         try:
             StreamServer.stop(self, timeout)    # waits for the connections
         finally:
-            self._remove_unix_sockets()
-            if self.scoreboard is not None:
-                self.scoreboard.flush()         # what the drain served
+            self.remove_unix_sockets()
+            for tell in self.watchers.stopped:
+                tell(self)
 
-    def _remove_unix_sockets(self) -> None:
+    def remove_unix_sockets(self) -> None:
         # Only the process that made them: a worker's exit must not pull
         # the socket from under its master and siblings.
         if self._bound_by_pid == os.getpid():
@@ -3611,21 +3365,43 @@ class FastCGIServer(StreamServer):
         self._stop_requested.wait()
         self.stop()
 
+    def load_application(self) -> None:
+        """An import string (AppLoader) becomes its request handler."""
+        if isinstance(self.request_handler, AppLoader):
+            self.request_handler = self.request_handler.load()
+
+    def become_worker(self, worker: Worker, master_listening: int) -> None:
+        """This process is ``worker``, forked by a master: it retires after
+        max_requests plus a jitter (drawn here: workers do not all retire at
+        once); its graceful stop waits for the master's listeners to close."""
+        self.worker = worker
+        self.master_listening = master_listening
+        max_requests = self.settings.max_requests
+        if max_requests:
+            self.retire_after = max_requests + random.randint(
+                0, self.settings.max_requests_jitter)
+            logger.info('worker %d: retires after %d requests (max_requests)',
+                        os.getpid(), self.retire_after)
+
     def serve_forever(self, stop_timeout=None) -> int:
         """Serve until stopped (in the main thread: by handle_signals');
         return the exit status: 0, or WORKER_BOOT_ERROR."""
         if stop_timeout is not None:
             self.stop_timeout = stop_timeout
-        if needs_master(self.settings):
+        for tell in self.watchers.on_starting:
+            tell(self)
+        if self.settings.master:
             return Arbiter(self).run()
-        if isinstance(self.request_handler, AppLoader):
-            self.request_handler = self.request_handler.load()
+        self.load_application()
         handlers = []
         if threading.current_thread() is threading.main_thread():
             handlers = handle_signals(self, ': there is no reload without '
                                       'a master (--workers)')
         try:
+            self.worker.pid = os.getpid()
             self.start()
+            for tell in self.watchers.when_ready:
+                tell(self)
             sd_notify('READY=1\nMAINPID=%d' % os.getpid())
             self.serve_until_shutdown()
         finally:
@@ -3635,12 +3411,601 @@ class FastCGIServer(StreamServer):
         return 0
 
 
-# 13. Running a server: run_server, pid file, PasteDeploy runners -------------
+# 13. Seeing inside: status page, metrics, access log, slow log ---------------
+#
+# What an operator sees, after PHP-FPM (its names where it has one): the
+# status page over every worker (text, JSON, OpenMetrics), the access log,
+# the slow log, all watching a server through its seam (watch_server()).
+# Each process counts into a list and publishes to the scoreboard (shared
+# memory mapped before the fork) four times a second; what a request waits
+# in is computed only when ?full or the slow log asks.
+
+access_logger = logging.getLogger('gevent_fastcgi.access')
+_LOG_UNSAFE = re.compile('[^\x20-\x7e]|["\\\\]')
+
+
+def _log_escape(text: str) -> str:
+    """As nginx and Apache do: '"', '\\', control characters and non-ASCII
+    as \\xHH, so that a client can neither forge fields nor send terminal
+    escapes to whoever reads the log."""
+    if text.isascii() and text.isprintable() and '"' not in text \
+            and '\\' not in text:
+        return text
+    return _LOG_UNSAFE.sub(lambda match: '\\x%02X' % (ord(match.group())
+                                                       & 0xFF), text)
+
+
+class AccessLog:
+    """One server's access log (combined format, then Apache's %D, the
+    microseconds) to a file of its own, '-' (stdout) or True (the logger
+    'gevent_fastcgi.access').  Not a logging handler, which an application
+    that reconfigures logging (Django does) closes, nor logging's machinery,
+    which cost as much as a request: lines go out a block at a time (every
+    256 lines, four times a second, on stop, before SIGUSR1 reopens it)."""
+
+    def __init__(self, target) -> None:
+        self.target = target
+        self.lines: List[str] = []
+        self.file = None
+        self._second = -1       # the time string, made once a second
+        self._time = ''
+        self.reopen()
+
+    def reopen(self) -> None:
+        self.close()
+        if self.target == '-':
+            self.file = sys.stdout
+        elif self.target is not True:
+            self.file = open(self.target, 'a', encoding='utf-8',
+                             errors='backslashreplace')
+
+    def log(self, request: Request, environ: Dict) -> None:
+        get = environ.get
+        uri = get('REQUEST_URI')
+        if uri is None:
+            uri = get('SCRIPT_NAME', '') + get('PATH_INFO', '')
+            if get('QUERY_STRING'):
+                uri += '?' + get('QUERY_STRING')
+        started = request.started
+        if int(started) != self._second:
+            self._second = int(started)
+            self._time = time.strftime('%d/%b/%Y:%H:%M:%S %z',
+                                       time.localtime(started))
+        fields = (get('REMOTE_ADDR', '-'), get('REMOTE_USER') or '-',
+                  get('REQUEST_METHOD', '-'), uri, get('SERVER_PROTOCOL', '-'),
+                  get('HTTP_REFERER', '-'), get('HTTP_USER_AGENT', '-'))
+        text = ' '.join(fields)         # all checked at once: usually clean
+        if not (text.isascii() and text.isprintable() and '"' not in text
+                and '\\' not in text):
+            fields = tuple(map(_log_escape, fields))
+        address, user, method, uri, protocol, referer, agent = fields
+        line = (f'{address} - {user} [{self._time}] "{method} {uri} '
+                f'{protocol}" {request.response_status or "-"} '
+                f'{request.response_bytes or "-"} "{referer}" "{agent}" '
+                f'{int(request.duration * 1e6)}')
+        if self.target is True:
+            access_logger.info('%s', line)
+            return
+        self.lines.append(line)
+        if len(self.lines) >= 256:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.lines and self.file is not None:
+            lines, self.lines = self.lines, []
+            self.file.write('\n'.join(lines) + '\n')
+            self.file.flush()
+
+    def close(self) -> None:
+        self.flush()
+        if self.file is not None and self.target != '-':
+            self.file.close()
+        self.file = None
+
+
+#: request durations the status page counts (seconds; Prometheus' default
+#: buckets)
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0)
+#: what the scoreboard holds for the master, then in each worker's slot:
+#: 'seq' of each is a seqlock's (odd while its writer writes); a slot's
+#: counts are the fields from 'busy' on; 'listed' is the last 'lists_asked'
+#: for which its worker published its requests in flight
+BOARD_FIELDS = ('seq', 'started', 'generation', 'max_busy',
+                'max_listen_queue', 'lists_asked', 'restarts_exit',
+                'restarts_signal', 'restarts_max_requests',
+                'restarts_worker_timeout', 'restarts_reload')
+SLOT_FIELDS = ('seq', 'pid', 'generation', 'started', 'listed', 'busy', 'open',
+               'accepted', 'served', '1xx', '2xx', '3xx', '4xx', '5xx',
+               'aborted', 'timed_out', 'refused', 'slow', 'bytes_in',
+               'bytes_out', 'duration_us') + tuple(
+                   'bucket_%d' % n for n in range(len(DURATION_BUCKETS) + 1))
+_BOARD = {name: index for index, name in enumerate(BOARD_FIELDS)}
+_SLOT = {name: index for index, name in enumerate(SLOT_FIELDS)}
+_COUNTS = SLOT_FIELDS[_SLOT['busy']:]
+_COUNT = {name: index for index, name in enumerate(_COUNTS)}
+SLOT_TEXT = 16384       # bytes of each worker's requests in flight (?full)
+
+
+class Scoreboard:
+    """The status page's counters in memory mapped before the fork: the
+    master's, and a slot per worker (its own to write, with a text area for
+    its requests in flight); slot 0 holds those of workers gone.  Readers
+    never see a fold or a slot half written (seqlocks): totals never fall."""
+
+    def __init__(self, slots: int = 1024) -> None:
+        import mmap
+        self.slots = slots
+        self.width = len(SLOT_FIELDS)
+        size = len(BOARD_FIELDS) + (slots + 1) * self.width
+        self.memory = mmap.mmap(-1, size * 8 + (slots + 1) * SLOT_TEXT)
+        self.ints = memoryview(self.memory)[:size * 8].cast('q')
+        self.text_at = size * 8
+        self.slot = None        # this process's
+        self['started'] = int(time.time())
+
+    def base(self, slot: int) -> int:
+        return len(BOARD_FIELDS) + slot * self.width
+
+    def __getitem__(self, name: str) -> int:     # (a name of BOARD_FIELDS)
+        return self.ints[_BOARD[name]]
+
+    def __setitem__(self, name: str, value: int) -> None:
+        self.ints[_BOARD[name]] = value
+
+    def _read(self, seq: int, start: int, stop: int) -> list:
+        """ints[start:stop] as their writer left them, ``seq`` the index of
+        its seqlock (a writer that died mid-write is read as it left)."""
+        ints = self.ints
+        for _ in range(100000):
+            before = ints[seq]
+            if not before & 1:
+                values = ints[start:stop].tolist()
+                if ints[seq] == before:
+                    return values
+        return ints[start:stop].tolist()
+
+    def take_slot(self, slot: Optional[int], generation: int) -> None:
+        """In a new worker: ``slot`` is this process's (None: more workers
+        than slots, and its counts are not shown)."""
+        self.slot = slot
+        if slot is not None:        # (its counts, and what it listed: none)
+            self.write(slot, 'pid', [os.getpid(), generation, int(time.time()),
+                                     0] + [0] * len(_COUNTS))
+
+    def write(self, slot: int, field: str, values: list) -> None:
+        """In its worker: ``values`` from ``field`` on, under its seqlock."""
+        base = self.base(slot)
+        start = base + _SLOT[field]
+        ints = self.ints
+        ints[base] += 1
+        ints[start:start + len(values)] = memoryview(
+            struct.pack('%dq' % len(values), *values)).cast('q')
+        ints[base] += 1
+
+    def free_slot(self, slot: int) -> None:
+        """In the master, once the slot's worker is gone: its counts go to
+        slot 0, under the board's seqlock."""
+        base, zero, width = self.base(slot), self.base(0), self.width
+        first = _SLOT['accepted']       # (not busy, open: gone with it)
+        counts = self._read(base, base + first, base + width)
+        ints = self.ints
+        ints[0] += 1
+        for offset, value in enumerate(counts):
+            ints[zero + first + offset] += value
+        ints[base:base + width] = memoryview(bytes(8 * width)).cast('q')
+        ints[0] += 1
+
+    def snapshot(self, lists: bool = False) -> Tuple[Dict[str, int],
+                                                     List[Dict]]:
+        """(totals of every slot, the live slots, with their requests if
+        ``lists``), read again while the master folds a slot (one that died
+        folding, after a while, as it left)."""
+        for attempt in range(100000):
+            before = self.ints[0]
+            if before & 1 and attempt < 99999:
+                continue
+            totals = dict.fromkeys(_COUNTS, 0)
+            workers = []
+            for slot in range(self.slots + 1):
+                base = self.base(slot)
+                if slot and not self.ints[base + _SLOT['pid']]:
+                    continue
+                values = dict(zip(SLOT_FIELDS, self._read(base, base,
+                                                          base + self.width)))
+                for name in _COUNTS:
+                    totals[name] += values[name]
+                if slot:
+                    values['requests'], values['more'] = (
+                        self._list(slot) if lists else ([], 0))
+                    workers.append(values)
+            if self.ints[0] == before or attempt == 99999:
+                return totals, workers
+
+    def lists_published(self, asked: int) -> bool:
+        return all(self.ints[self.base(slot) + _SLOT['listed']] >= asked
+                   for slot in range(1, self.slots + 1)
+                   if self.ints[self.base(slot) + _SLOT['pid']])
+
+    def publish_list(self, asked: int, lines: List[str], more: int) -> None:
+        """This worker's requests in flight: whole lines, then how many
+        more there were than SLOT_TEXT holds."""
+        if self.slot is None:
+            return
+        at = self.text_at + self.slot * SLOT_TEXT
+        data = '\n'.join(lines + ['+%d' % more]).encode('utf-8', 'replace')
+        self.memory[at:at + len(data) + 1] = data + b'\0'
+        self.write(self.slot, 'listed', [asked])
+
+    def _list(self, slot: int) -> Tuple[List[List[str]], int]:
+        at = self.text_at + slot * SLOT_TEXT
+        text = self.memory[at:at + SLOT_TEXT].split(b'\0', 1)[0].decode(
+            'utf-8', 'replace').splitlines()
+        more = int(text.pop()[1:]) if text and text[-1][:1] == '+' else 0
+        return [line.split('\t') for line in text], more
+
+
+_PLUMBING = (os.path.dirname(gevent.__file__), os.path.dirname(
+    greenlet.__file__), os.path.abspath(__file__))
+_STDLIB = os.path.dirname(os.__file__)
+
+
+def waiting_in(glet) -> str:
+    """'file:line function' of the application's frame ``glet`` waits in:
+    the innermost one outside gevent, greenlet, this file and the stdlib."""
+    frame = glet.gr_frame
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if not (name.startswith(_PLUMBING) or name.startswith(_STDLIB)
+                and 'site-packages' not in name):
+            return '%s:%d %s' % (name, frame.f_lineno, frame.f_code.co_name)
+        frame = frame.f_back
+    return '-'
+
+
+def _listen_queue(sock) -> Tuple[int, int]:
+    """(connections waiting to be accepted, backlog) of a TCP listening
+    socket, from TCP_INFO (Linux), as PHP-FPM shows them; (-1, -1) where
+    the kernel does not say (unix sockets, other systems)."""
+    try:
+        info = sock.getsockopt(_stdlib_socket.IPPROTO_TCP,
+                               _stdlib_socket.TCP_INFO, 104)
+        return struct.unpack_from('II', info, 24)
+    except (AttributeError, OSError, struct.error):
+        return -1, -1
+
+
+def in_flight(server) -> list:
+    """The requests whose handlers run in this process."""
+    return [request for connection in list(server.connections)
+            for request in list(connection.requests.values())
+            if request.greenlet is not None and request.started]
+
+
+class Instruments:
+    """A server's status page (and its counts), access log and slow log,
+    each if its setting is on.  Counts go into a flat list (a tuple per
+    request kept the garbage collector busy), published four times a
+    second, in bulk."""
+
+    def __init__(self, server) -> None:
+        settings = server.settings
+        self.server = server
+        self.board = Scoreboard() if settings.status_path else None
+        self.access_log = (AccessLog(settings.access_log)
+                           if settings.access_log else None)
+        self.slow_request = settings.slow_request
+        self.slow_logged = weakref.WeakSet()
+        self.counts = [0] * len(_COUNTS)
+        self.ended: list = []   # (status, seconds, outcome, in, out) each
+        self.listed = 0         # the board's lists_asked we last answered
+        self.answering = 0      # status pages in flight here: not counted
+        self.forked = False     # a worker of a master (post_fork)
+        self._timer = None
+        events = ['serving', 'stopped']
+        if self.access_log is not None:
+            events += ['post_request', 'reopen_logs']
+        if self.board is not None:
+            events += ['post_fork', 'child_exit', 'on_reload',
+                       'connection_opened', 'connection_closed',
+                       'request_refused', 'post_request']
+            server.add_page(settings.status_path, self.status_page)
+        for event in dict.fromkeys(events):
+            server.watchers.add(event, getattr(self, event))
+
+    def child_exit(self, server, worker) -> None:
+        if worker.slot <= self.board.slots:
+            self.board.free_slot(worker.slot)
+        if worker.exit_cause is not None:
+            self.board['restarts_' + worker.exit_cause] += 1
+
+    def on_reload(self, server) -> None:
+        self.board['generation'] += 1
+
+    def post_fork(self, server, worker) -> None:
+        self.forked = True
+        self.board.take_slot(worker.slot if worker.slot <= self.board.slots
+                             else None, worker.generation)
+
+    def serving(self, server) -> None:
+        if self.board is not None and not self.forked:
+            self.board.take_slot(1, 0)      # serving without a master
+        every = min(0.25, (self.slow_request or 1.0) / 2)
+        self._timer = gevent.get_hub().loop.timer(every, every)
+        self._timer.start(self.tick)
+
+    def stopped(self, server) -> None:
+        if self._timer is not None:
+            self._timer.close()
+        if self.board is not None:
+            self.flush()        # what the drain served
+        if self.access_log is not None:
+            self.access_log.close()
+
+    def reopen_logs(self) -> None:
+        self.access_log.reopen()
+
+    def connection_opened(self, connection) -> None:
+        self.counts[_COUNT['accepted']] += 1
+        self.counts[_COUNT['open']] += 1
+
+    def connection_closed(self, connection) -> None:
+        self.counts[_COUNT['open']] -= 1
+
+    def request_refused(self, request, why: str) -> None:
+        self.counts[_COUNT['refused']] += 1
+
+    def post_request(self, worker, request, environ, resp) -> None:
+        if self.board is not None:
+            self.ended += (request.response_status, request.duration,
+                           request.outcome, request.bytes_received,
+                           request.response_bytes)
+        # (an aborted request was ended by whoever stopped it: not logged)
+        if self.access_log is not None and request.outcome != ABORTED:
+            self.access_log.log(request, environ)
+
+    def flush(self) -> None:
+        """Our counts to the scoreboard, with the requests ended since
+        (counted in bulk: fewer instructions than one at a time)."""
+        counts, ended, self.ended = self.counts, self.ended, []
+        index = _COUNT.__getitem__
+        codes, durations, outcomes, read, written = (ended[field::5]
+                                                     for field in range(5))
+        for code, n in collections.Counter(code // 100 for code in codes
+                                           ).items():
+            if 1 <= code <= 5:
+                counts[index('1xx') + code - 1] += n
+        for bucket, n in collections.Counter(map(
+                bisect.bisect_left, itertools.repeat(DURATION_BUCKETS),
+                durations)).items():
+            counts[index('bucket_0') + bucket] += n
+        counts[index('aborted')] += outcomes.count(ABORTED)
+        counts[index('timed_out')] += outcomes.count(TIMED_OUT)
+        counts[index('served')] += len(codes)
+        counts[index('duration_us')] += int(sum(durations) * 1e6)
+        counts[index('bytes_in')] += sum(read)
+        counts[index('bytes_out')] += sum(written)
+        counts[index('busy')] = self.server.active_requests - self.answering
+        if self.board.slot is not None:
+            self.board.write(self.board.slot, 'busy', counts)
+
+    def tick(self) -> None:
+        """Four times a second: the slow log (a request past slow_request is
+        logged once, with the stack it waits in: PHP-FPM's slowlog); our
+        counts, and our requests if a status page asked, to the scoreboard;
+        samples of the most requests in flight, and of the listen queue."""
+        if self.slow_request:
+            self.log_slow_requests()
+        if self.access_log is not None:
+            self.access_log.flush()
+        board = self.board
+        if board is None:
+            return
+        self.flush()
+        if board['lists_asked'] != self.listed:
+            self.publish_list()
+        busy = board.ints[board.base(1) + _SLOT['busy']::board.width]
+        queue = _listen_queue(getattr(self.server, 'socket', None))[0]
+        board['max_busy'] = max(board['max_busy'], sum(busy))
+        board['max_listen_queue'] = max(board['max_listen_queue'], queue)
+
+    def log_slow_requests(self) -> None:
+        now = time.time()
+        for request in in_flight(self.server):
+            if (now - request.started <= self.slow_request
+                    or request in self.slow_logged):
+                continue
+            self.slow_logged.add(request)
+            if self.board is not None:
+                self.counts[_COUNT['slow']] += 1
+            logger.warning(
+                'slow request: worker %d, %r running for %.1fs, waiting '
+                'in:\n%s', os.getpid(), request, now - request.started,
+                ''.join(traceback.format_stack(
+                    request.greenlet.gr_frame)).rstrip())
+
+    def publish_list(self) -> None:
+        """Our requests in flight, oldest first, with what each waits in,
+        as many as the scoreboard's text holds: only when asked."""
+        asked = self.listed = self.board['lists_asked']
+        lines, size = [], 0
+        requests = sorted((request for request in in_flight(self.server)
+                           if request.greenlet is not greenlet.getcurrent()),
+                          key=lambda request: request.started)
+        for request in requests:
+            environ = request.environ
+            line = '\t'.join((environ.get('REQUEST_METHOD', '-'), _log_escape(
+                environ.get('REQUEST_URI') or request_path(environ)),
+                '%.3f' % request.started, waiting_in(request.greenlet)))
+            size += len(line.encode('utf-8', 'replace')) + 1
+            if size > SLOT_TEXT - 32:
+                break
+            lines.append(line)
+        self.board.publish_list(asked, lines, len(requests) - len(lines))
+
+    def status_page(self, request: Request) -> None:
+        """The status page: text (default), ?json or ?openmetrics; ?full adds
+        each worker and its requests (each publishes them when asked)."""
+        import json
+        query = request.environ.get('QUERY_STRING', '')
+        flags = set(query.replace('&', ' ').replace('=', ' ').split())
+        board = self.board
+        self.answering += 1
+        try:
+            self.flush()
+            if 'full' in flags:
+                board['lists_asked'] += 1
+                self.publish_list()
+                deadline = time.monotonic() + 1.0
+                while (not board.lists_published(self.listed)
+                       and time.monotonic() < deadline):
+                    gevent.sleep(0.02)
+            report = status_report(board, getattr(self.server, 'socket',
+                                                  None), 'full' in flags)
+        finally:
+            self.answering -= 1
+        if 'json' in flags:
+            kind, body = 'application/json', json.dumps(report)
+        elif 'openmetrics' in flags:
+            kind = 'application/openmetrics-text; version=1.0.0; charset=utf-8'
+            body = openmetrics(report)
+        else:
+            kind, body = 'text/plain; charset=utf-8', _status_text(report)
+        request.stdout.write(plain_response('200 OK', body.encode('utf-8'),
+                                            kind.encode(),
+                                            b'Cache-Control: no-store\r\n'))
+
+
+#: the report's counters: its name (PHP-FPM's where it has one), ours
+_REPORTED = (('accepted conn', 'accepted'), ('open connections', 'open'),
+             ('requests in flight', 'busy'), ('requests', 'served'),
+             ('max requests in flight', 'max_busy'),
+             ('aborted requests', 'aborted'), ('refused requests', 'refused'),
+             ('timed out requests', 'timed_out'), ('slow requests', 'slow'),
+             ('bytes received', 'bytes_in'), ('bytes sent', 'bytes_out'),
+             ('max listen queue', 'max_listen_queue'))
+
+
+def status_report(board: Scoreboard, sock, full: bool = False) -> Dict:
+    """The whole server's counters, all workers together (PHP-FPM's names
+    where it has one); ``full`` adds each worker and its requests."""
+    totals, workers = board.snapshot(full)
+    busy = sum(1 for worker in workers if worker['busy'])
+    now = time.time()
+    queue, backlog = _listen_queue(sock)
+    report = {
+        'start time': board['started'],
+        'start since': int(now) - board['started'],
+        'generation': board['generation'],
+        'total processes': len(workers), 'active processes': busy,
+        'idle processes': len(workers) - busy}
+    for key, name in _REPORTED:
+        report[key] = totals[name] if name in totals else board[name]
+    report.update({
+        'requests by status': {'%dxx' % n: totals['%dxx' % n]
+                               for n in range(1, 6)},
+        'request duration seconds': {
+            'buckets': dict(zip([str(b) for b in DURATION_BUCKETS]
+                                + ['+Inf'], itertools.accumulate(
+                                    totals['bucket_%d' % n] for n in range(
+                                        len(DURATION_BUCKETS) + 1)))),
+            'sum': totals['duration_us'] / 1e6},
+        'listen queue': queue, 'listen queue len': backlog,
+        'worker restarts': {cause: board['restarts_' + cause] for cause in
+                            ('exit', 'signal', 'max_requests',
+                             'worker_timeout', 'reload')}})
+    if full:
+        report['processes'] = [{
+            'pid': worker['pid'], 'generation': worker['generation'],
+            'start time': worker['started'], 'requests': worker['served'],
+            'state': 'Running' if worker['busy'] else 'Idle',
+            'requests in flight': [{
+                'method': method, 'uri': uri,
+                'age': round(now - float(started), 3), 'waiting in': frame}
+                for method, uri, started, frame in worker['requests']],
+            'more requests in flight': worker['more']} for worker in workers]
+    return report
+
+
+def _status_text(report: Dict, prefix: str = '') -> str:
+    lines = []
+    for key, value in report.items():
+        if key == 'processes':
+            for process in value:
+                requests = process.pop('requests in flight')
+                more = process.pop('more requests in flight')
+                lines += ['*' * 24, _status_text(process).rstrip()]
+                lines += ['request: %(method)s %(uri)s, %(age)gs, waiting in '
+                          '%(waiting in)s' % request for request in requests]
+                lines += ['and %d more requests in flight' % more] * bool(more)
+        elif isinstance(value, dict):
+            lines.append(_status_text(value, prefix + key + ' ').rstrip())
+        else:
+            lines.append('%s%s: %s' % (prefix, key, value))
+    return '\n'.join(lines) + '\n'
+
+
+_METRICS = (    # OpenMetrics name and type, and the report's key
+    ('start_time_seconds', 'gauge', 'start time'),
+    ('processes', 'gauge', 'processes'),
+    ('connections', 'counter', 'accepted conn'),
+    ('open_connections', 'gauge', 'open connections'),
+    ('requests', 'counter', 'requests'),
+    ('responses', 'counter', 'requests by status'),
+    ('requests_in_flight', 'gauge', 'requests in flight'),
+    ('aborted_requests', 'counter', 'aborted requests'),
+    ('timed_out_requests', 'counter', 'timed out requests'),
+    ('refused_requests', 'counter', 'refused requests'),
+    ('slow_requests', 'counter', 'slow requests'),
+    ('received_bytes', 'counter', 'bytes received'),
+    ('sent_bytes', 'counter', 'bytes sent'),
+    ('listen_queue', 'gauge', 'listen queue'),
+    ('max_listen_queue', 'gauge', 'max listen queue'),
+    ('worker_restarts', 'counter', 'worker restarts'),
+    ('request_duration_seconds', 'histogram', 'request duration seconds'))
+_METRIC_LABELS = {'processes': 'state', 'responses': 'class',
+                  'worker_restarts': 'cause'}
+
+
+def openmetrics(report: Dict) -> str:
+    """The report in the OpenMetrics text format (Prometheus scrapes it)."""
+    report = dict(report, processes={'active': report['active processes'],
+                                     'idle': report['idle processes']})
+    out = []
+    for name, kind, key in _METRICS:
+        out.append('# TYPE gevent_fastcgi_%s %s' % (name, kind))
+        if kind == 'histogram':
+            duration = report[key]
+            samples = [('_bucket{le="%s"}' % le, count)
+                       for le, count in duration['buckets'].items()] + [
+                ('_count', duration['buckets']['+Inf']),
+                ('_sum', duration['sum'])]
+        elif isinstance(report[key], dict):
+            samples = [('%s{%s="%s"}' % ('_total' * (kind == 'counter'),
+                                        _METRIC_LABELS[name], label), value)
+                       for label, value in report[key].items()]
+        else:
+            samples = [('_total' * (kind == 'counter'), report[key])]
+        out += ['gevent_fastcgi_%s%s %s' % (name, suffix, value)
+                for suffix, value in samples]
+    return '\n'.join(out) + '\n# EOF\n'
+
+
+def watch_server(server) -> None:
+    """What a new server's settings switch on, watching it."""
+    settings = server.settings
+    if settings.status_path or settings.access_log or settings.slow_request:
+        Instruments(server)
+
+
+FastCGIServer.watched_by.append(watch_server)
+
+
+# 14. Running a server: run_server, pid file, PasteDeploy runners -------------
 
 def write_pid_file(path: str) -> None:
-    """Write our pid to ``path`` by replacing it with a new file (O_EXCL,
-    unpredictable name): never through a planted symlink, never half-written
-    to a reader."""
+    """Write our pid to ``path``, replacing it with a new file (O_EXCL, an
+    unpredictable name): never through a planted symlink, nor half-written."""
     folder, name = os.path.split(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix='.%s.' % name, dir=folder)
     try:
@@ -3661,19 +4026,22 @@ def remove_pid_file(path: str) -> None:
 
 
 def run_server(app, address, handler: str = 'wsgi', debug: bool = False,
-               pid_file: Optional[str] = None, **options) -> int:
+               pid_file: Optional[str] = None,
+               settings: Optional[Settings] = None) -> int:
     """The command line's, Paste's and Django's way to serve: make the
     server, write the pid file, serve; return the exit status.  ``app`` may
-    be an AppLoader, which each worker loads."""
+    be an AppLoader, which each worker loads.  StartupError: it could not
+    start (and nothing else is raised before it serves)."""
     request_handler = (app if isinstance(app, AppLoader)
                        else make_handler(handler, app, debug))
-    if threading.current_thread() is threading.main_thread():
-        # A signal sent by habit (logrotate's USR1) once the address answers
-        # must not kill a server whose own handlers are not installed yet.
-        for name in ('SIGUSR1', 'SIGUSR2', 'SIGWINCH'):
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
-    server = FastCGIServer(address, request_handler, **options)
-    tune_malloc()   # this process was started to serve: not a host program's
+    become_server_process()
+    try:
+        server = FastCGIServer(address, request_handler,
+                               settings or Settings())
+        if pid_file:
+            write_pid_file(pid_file)
+    except (OSError, ValueError, TypeError) as exc:
+        raise StartupError(str(exc)) from exc
     logger.info('gevent_fastcgi %s serving %r on %s', __version__, app,
                 ', '.join(describe_address(a) for a in server.addresses))
     from gevent import monkey
@@ -3681,10 +4049,8 @@ def run_server(app, address, handler: str = 'wsgi', debug: bool = False,
                                  'threading') if monkey.is_module_patched(name)]
     logger.info('monkey-patched: %s' % ', '.join(patched) if patched else
                 'not monkey-patched: a blocking call (a database driver, '
-                'requests, time.sleep) holds up every request of its process '
-                'until it returns; see --monkey-patch in README.rst')
-    if pid_file:
-        write_pid_file(pid_file)
+                'time.sleep...) holds up every request of its process; see '
+                '--monkey-patch in README.rst')
     try:
         return server.serve_forever()
     finally:
@@ -3707,8 +4073,7 @@ def _paste_runner(handler_name: str):
                                if k.startswith(MONKEY_PREFIX)]
                    if convert_setting(where, key, _to_bool,
                                       settings.pop(key))]
-        options = {name: value for name, value in server_settings(
-            settings, where).items() if name in settings}
+        settings = Settings(settings, where)
         if path and (host or port):
             raise ValueError('%s: give either socket or host and port, not '
                              'both' % where)
@@ -3716,7 +4081,7 @@ def _paste_runner(handler_name: str):
             where, 'port', _to_int(0), port or 4000))
         if patches:
             monkey_patch(patches)
-        run_server(app, address, handler_name, debug, pid_file, **options)
+        run_server(app, address, handler_name, debug, pid_file, settings)
     run.__name__ = run.__qualname__ = 'run_' + handler_name
     run.__doc__ = ('PasteDeploy server runner: ``use = egg:gevent_fastcgi#%s``'
                    % handler_name)
@@ -3728,15 +4093,15 @@ run_wsgiref = _paste_runner('wsgiref')
 run_fastcgi = _paste_runner('fastcgi')
 
 
-# 14. The built-in FastCGI client and the demo application --------------------
+# 15. The built-in FastCGI client and the demo application --------------------
 
 def fastcgi_request(address, uri: str = '/', method: str = 'GET',
                     headers: Iterable[Tuple[str, str]] = (), body: bytes = b'',
                     params: Optional[Dict[str, str]] = None,
                     timeout: float = 10.0):
-    """Send one request to a FastCGI server (ours or any other) with a plain
-    blocking socket; return (stdout, stderr, app_status, protocol_status).
-    ``params`` add to or replace the CGI variables made from the request."""
+    """One request to a FastCGI server (ours or any other), on a blocking
+    socket: (stdout, stderr, app_status, protocol_status).  ``params`` add
+    to or replace the CGI variables made from the request."""
     path, _, query = uri.partition('?')
     environ = {
         'GATEWAY_INTERFACE': 'CGI/1.1', 'SERVER_SOFTWARE':
@@ -3782,47 +4147,26 @@ def fastcgi_request(address, uri: str = '/', method: str = 'GET',
         sock.close()
 
 
-def response_status(stdout: bytes) -> int:
-    """The HTTP status of a CGI response: its Status header, else 302 with a
-    Location header, else 200."""
-    head = re.split(br'\r?\n\r?\n', stdout, maxsplit=1)[0]
-    location = False
-    for line in re.split(br'\r?\n', head):
-        name, _, value = line.partition(b':')
-        name = name.strip().lower()
-        if name == b'status':
-            return int(value.split()[0])
-        location = location or name == b'location'
-    return 302 if location else 200
-
-
 def demo_app(environ, start_response):
     """The built-in demo: a page showing the request as the server got it."""
-    import html
-    rows = ''.join('<tr><th>%s</th><td>%s</td></tr>'
-                   % (html.escape(key), html.escape(repr(environ[key])))
-                   for key in sorted(environ) if key != 'fastcgi.request')
-    body = ('<!DOCTYPE html><html><head><meta charset="utf-8">'
-            '<title>gevent_fastcgi %s</title></head><body>'
-            '<h1>gevent_fastcgi %s works</h1><p>This is the built-in demo '
-            'application; run your own with <code>python -m gevent_fastcgi '
-            'module:app</code>. The request as it arrived:</p>'
-            '<table>%s</table></body></html>\n'
-            % (__version__, __version__, rows)).encode('utf-8')
-    start_response('200 OK', [('Content-Type', 'text/html; charset=utf-8'),
+    body = ('gevent_fastcgi %s works.  This is the built-in demo application; '
+            'run your own with: python -m gevent_fastcgi module:app\n\nThe '
+            'request as it arrived:\n\n%s' % (__version__, ''.join(
+                '%s: %r\n' % (key, environ[key]) for key in sorted(environ)
+                if key != 'fastcgi.request'))).encode('utf-8')
+    start_response('200 OK', [('Content-Type', 'text/plain; charset=utf-8'),
                               ('Content-Length', str(len(body)))])
     return [b''] if environ['REQUEST_METHOD'] == 'HEAD' else [body]
 
 
-# 15. Command line ------------------------------------------------------------
+# 16. Command line ------------------------------------------------------------
 
 LOG_FORMAT = '%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s'
 
 
 def configure_logging(level: str, error_log: Optional[str] = None) -> None:
-    """The server's own log: ``error_log`` (a file SIGUSR1 reopens) or
-    stderr, unless the process's logging has a handler already (Django's
-    LOGGING, say): then only ours is added, when asked for."""
+    """The server's own log: ``error_log`` (SIGUSR1 reopens it) or stderr,
+    unless logging has a handler already (Django's): then ours if asked."""
     root = logging.getLogger()
     logger.setLevel(getattr(logging, level.upper()))
     if error_log or not root.handlers:
@@ -3848,31 +4192,27 @@ def _checked(convert):
 
 def add_server_arguments(parser) -> None:
     """The options the command line and the Django command share."""
-    parser.add_argument('--handler', choices=sorted(HANDLERS),
-                        default='wsgi',
-                        help='wsgi: our WSGI driver (default); wsgiref: the '
-                             "standard library's; fastcgi: APP is a request "
-                             'handler taking a Request')
+    parser.add_argument('--handler', choices=sorted(HANDLERS), default='wsgi',
+                        help="wsgi (default), wsgiref (the stdlib's), or "
+                             'fastcgi: APP is a request handler')
     for option in SERVER_OPTIONS:
         if option.flag is None:
             continue
         flags = [option.flag]
         if option.name == 'worker_timeout':
             flags.append('--worker-timeout')
-        parser.add_argument(*flags, dest=option.name,
-                            metavar=option.flag[2:].upper().replace('-', '_'),
-                            type=_checked(option.convert), help=option.help)
+        # (text: Settings converts each value once)
+        parser.add_argument(*flags, dest=option.name, help=option.help,
+                            metavar=option.flag[2:].upper().replace('-', '_'))
     parser.add_argument('--pid', dest='pid_file', metavar='FILE',
                         help='write the server (master) process id to FILE')
-    parser.add_argument('--debug', action='store_true',
-                        help='send tracebacks of failing requests to the '
-                             'client (never in production)')
+    parser.add_argument('--debug', action='store_true', help='tracebacks '
+                        'to the client (never in production)')
     parser.add_argument('--log-level', default='info',
                         choices=['debug', 'info', 'warning', 'error'],
                         help='logging level (default info)')
-    parser.add_argument('--error-log', metavar='FILE',
-                        help="the server's own log (default: stderr); "
-                             'SIGUSR1 reopens it')
+    parser.add_argument('--error-log', metavar='FILE', help="the server's own "
+                        'log (default: stderr); SIGUSR1 reopens it')
     parser.add_argument('--chdir', metavar='DIR',
                         help='change to DIR before loading APP')
     parser.add_argument('--monkey-patch', metavar='NAMES',
@@ -3901,28 +4241,21 @@ def prepare(opts: Dict, error) -> None:
 
 
 def server_options(opts) -> Dict:
-    """The server settings among parsed arguments.  A --workers given,
-    even 1, asks for a master (gunicorn's way: a supervised worker)."""
-    options = {option.name: opts[option.name] for option in SERVER_OPTIONS
-               if opts.get(option.name) is not None}
-    if 'num_workers' in options:
-        options.setdefault('master', True)
-    return options
+    """The server settings among parsed arguments (and a --config file)."""
+    return {name: opts[name] for name in OPTIONS_BY_NAME
+            if opts.get(name) is not None}
 
 
 def build_parser():
     import argparse
     parser = argparse.ArgumentParser(
         prog='python -m gevent_fastcgi',
-        description='Serve a WSGI application (or a FastCGI request handler) '
-                    'over FastCGI. Without APP, a demo page that shows each '
-                    'request. "python -m gevent_fastcgi request --help": the '
-                    'built-in FastCGI client. %s adds arguments before these.'
-                    % ENV_ARGS)
-    parser.add_argument('app', nargs='?', metavar='APP',
-                        help='module:name of the WSGI application (or '
-                             'module:factory() to call a factory); default: '
-                             'the built-in demo')
+        description='Serve a WSGI application over FastCGI (without APP, a '
+                    'demo); "request --help": the built-in FastCGI client; %s '
+                    'adds arguments before these.' % ENV_ARGS)
+    parser.add_argument('app', nargs='?', metavar='APP', help='module:name of '
+                        'the WSGI application, module:factory() to call a '
+                        'factory; default: the built-in demo')
     parser.add_argument('-b', '--bind', action='append',
                         type=_checked(parse_address), metavar='ADDRESS',
                         help='host:port, [ipv6]:port, unix:/path or fd://N '
@@ -3931,8 +4264,7 @@ def build_parser():
                              'else 127.0.0.1:9000')
     add_server_arguments(parser)
     parser.add_argument('--preload', action='store_true', help='the master '
-                        'imports APP: workers share its memory; HUP cannot '
-                        'load new code')
+                        'imports APP (workers share it; HUP reloads nothing)')
     parser.add_argument('-c', '--config', metavar='FILE', help='a Python file '
                         'that sets these by the names --print-config shows')
     parser.add_argument('--check-config', action='store_true', help='load '
@@ -3949,8 +4281,7 @@ def client_main(argv) -> int:
     import argparse
     parser = argparse.ArgumentParser(
         prog='python -m gevent_fastcgi request', description='Send one '
-        'request to a FastCGI server, print the response; exit 0 for a 2xx '
-        'response, else 1 (2: bad arguments).  A health check.')
+        'request to a FastCGI server, print the response; exit 0 for 2xx.')
     parser.add_argument('address', type=_checked(parse_address),
                         help='host:port, [ipv6]:port or unix:/path')
     parser.add_argument('uri', nargs='?', default='/', help='default /')
@@ -3963,8 +4294,7 @@ def client_main(argv) -> int:
                         metavar='NAME=VALUE', help='set a CGI variable')
     parser.add_argument('-t', '--timeout', type=_checked(_to_float),
                         default=10.0, help='seconds (default 10)')
-    parser.add_argument('-q', '--quiet', action='store_true',
-                        help='print nothing; only the exit status tells')
+    parser.add_argument('-q', '--quiet', action='store_true')
     args = parser.parse_intermixed_args(argv)
 
     def pairs(items, sep, form):
@@ -4009,8 +4339,8 @@ ENV_ARGS = 'GEVENT_FASTCGI_CMD_ARGS'    # gunicorn's GUNICORN_CMD_ARGS
 
 def read_config(path: str, parser) -> Dict:
     """--config FILE (gunicorn's -c): a Python file whose public names are
-    settings, named as --print-config shows them; the command line wins.
-    (A name starting with _, or a module, is the file's own.)"""
+    settings (as --print-config shows them; a module, or a name starting
+    with _, is the file's own); the command line wins."""
     import types
     namespace = {'__file__': os.path.abspath(path)}
     try:
@@ -4021,7 +4351,8 @@ def read_config(path: str, parser) -> Dict:
     settings = {name: value for name, value in namespace.items()
                 if not (name.startswith('_')
                         or isinstance(value, types.ModuleType))}
-    unknown = sorted(set(settings) - set(vars(parser.parse_args([]))))
+    unknown = sorted(set(settings) - set(vars(parser.parse_args([])))
+                     - set(OPTIONS_BY_NAME))
     if unknown:
         parser.error('--config %s: %s: no such setting (--print-config lists '
                      'them)' % (path, ', '.join(unknown)))
@@ -4036,26 +4367,24 @@ def main(argv=None) -> int:
     parser = build_parser()
     argv = shlex.split(os.environ.get(ENV_ARGS, '')) + argv
     args = parser.parse_args(argv)
+    binds = args.bind
     if args.config:
         settings = read_config(args.config, parser)
-        binds = settings.pop('bind', None)
+        binds = binds or settings.pop('bind', None)
         parser.set_defaults(**settings)
         args = parser.parse_args(argv)
-        try:
-            args.bind = args.bind or [parse_address(bind) if isinstance(
-                bind, str) else bind for bind in ([binds] if isinstance(
-                    binds, (str, tuple)) else binds or ())] or None
-        except ValueError as exc:
-            parser.error('bind: %s' % exc)
-    options = server_options(vars(args))
     try:
-        settings = dict(vars(args), **server_settings(options, 'settings'))
+        binds = [parse_address(bind) if isinstance(bind, str) else bind
+                 for bind in ([binds] if isinstance(binds, (str, tuple))
+                              else binds or ())]
+    except ValueError as exc:
+        parser.error('bind: %s' % exc)
+    try:
+        settings = Settings(server_options(vars(args)), 'settings')
     except ValueError as exc:
         parser.error(str(exc))
     if args.print_config:
-        for name in sorted(set(vars(args)) - {'config', 'print_config',
-                                              'check_config'}):
-            print('%s = %r' % (name, settings[name]))
+        print_config(dict(vars(args), bind=binds or None), settings)
         return 0
     prepare(vars(args), parser.error)
     if args.chdir or args.app:
@@ -4063,8 +4392,8 @@ def main(argv=None) -> int:
     if args.handler == 'fastcgi' and not args.app:
         parser.error('--handler fastcgi needs APP')
     try:
-        if args.app and needs_master(options) and not (args.preload
-                                                       or args.check_config):
+        if args.app and settings.master and not (args.preload
+                                                 or args.check_config):
             # Workers import APP, the master never does: a reload's fresh
             # workers then import fresh code.
             app = AppLoader(args.app, args.handler, args.debug)
@@ -4079,16 +4408,27 @@ def main(argv=None) -> int:
     if args.check_config:
         print('gevent_fastcgi: the settings and the application load')
         return 0
-    address = args.bind or inherited_addresses() or [('127.0.0.1', 9000)]
+    address = binds or inherited_addresses() or [('127.0.0.1', 9000)]
     try:
         return run_server(app, address, args.handler, args.debug,
-                          args.pid_file, **options)
-    except (OSError, ValueError, TypeError) as exc:
+                          args.pid_file, settings)
+    except StartupError as exc:
         logger.error('cannot start: %s', exc)
         return 1
 
 
-# 16. Django management command -----------------------------------------------
+def print_config(opts: Dict, settings: Settings) -> None:
+    """--print-config: a config file (--config) giving the same settings;
+    a server hook is a function, shown as a comment."""
+    shown = dict(opts, **vars(settings))
+    for name in sorted(set(shown) - {'config', 'print_config', 'check_config',
+                                     'given'}):
+        value = shown[name]
+        print(('# %s = %r: define it' if callable(value) else '%s = %r')
+              % (name, value))
+
+
+# 17. Django management command -----------------------------------------------
 #
 # INSTALLED_APPS names 'gevent_fastcgi.DjangoAppConfig', made when Django asks
 # (module __getattr__).  Django finds commands as files: its ready() puts the
@@ -4141,6 +4481,10 @@ def _django_command_class():
 
             def error(message):
                 raise CommandError(message, returncode=2)
+            try:
+                settings = Settings(server_options(opts), 'settings')
+            except ValueError as exc:
+                error(str(exc))
             prepare(opts, error)
             for alias in connections:
                 # made in django.setup(), for the thread's ident, which
@@ -4148,16 +4492,17 @@ def _django_command_class():
                 # use or close them (made again when first used)
                 with suppress(AttributeError):
                     del connections[alias]
-            if opts['script_name']:
-                set_script_prefix(opts['script_name'] + '/')
+            if settings.script_name:
+                set_script_prefix(settings.script_name + '/')
             if not opts['skip_checks']:
                 self.check()
-            status = run_server(get_internal_wsgi_application(),
-                                opts['address'] or [('127.0.0.1', 9000)],
-                                opts['handler'], opts['debug'],
-                                opts['pid_file'], **server_options(opts))
-            if status:
-                sys.exit(status)
+            try:
+                sys.exit(run_server(get_internal_wsgi_application(),
+                                    opts['address'] or [('127.0.0.1', 9000)],
+                                    opts['handler'], opts['debug'],
+                                    opts['pid_file'], settings))
+            except StartupError as exc:
+                raise CommandError('cannot start: %s' % exc)
 
     return Command
 
@@ -4177,7 +4522,7 @@ def _django_app_config_class():
     return DjangoAppConfig
 
 
-# 17. Optional zope.interface declarations ------------------------------------
+# 18. Optional zope.interface declarations ------------------------------------
 #
 # IRequest and IRequestHandler are made on first access (module __getattr__):
 # zope.interface is imported only by those who use it.
@@ -4216,13 +4561,13 @@ def _declare_interfaces() -> Dict:
     return _interfaces
 
 
-# 18. Compatibility with the original project ---------------------------------
+# 19. Compatibility with the original project ---------------------------------
 
 def install_original_import_paths() -> None:
     """After this one call (never on import: a vendored file must not change
     its host's sys.modules), the original project's module paths work:
     ``gevent_fastcgi.server``, ``.wsgi``, ``.const``, ``.base`` (this
-    module) and ``.interfaces`` (IRequest, IRequestHandler).  Idempotent."""
+    module), ``.interfaces`` (IRequest, IRequestHandler)."""
     import types
     module = sys.modules.get(__name__)
     if module is None:
