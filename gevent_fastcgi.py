@@ -4,30 +4,29 @@ A web server (nginx, Apache, lighttpd, HAProxy, ...) speaks FastCGI to this
 server; it runs WSGI applications or custom request handlers, each request in
 its own greenlet, in one or several processes.  The whole server is this one
 file, so that it can be vendored by copying it.  It reads top to bottom in
-numbered sections (grep "# 4."); a section uses only what the sections above
-it define, and the tests carry the same banners in the same order.
+numbered sections (grep "# 4."), each with its budget of lines (4,600 in all);
+a section uses only what the sections above it define, and the tests carry the
+same banners in the same order.
 
-    1. Imports, version, logger                                      50
-    2. Protocol constants (the FastCGI 1.0 specification's names)   45
-    3. Errors                                                        30
-    4. Record codec: bytes in, records out, bytes back; no I/O      310
-    5. Request streams: stdin/data (spooled to disk), stdout/stderr 410
-    6. Requests: running, refusing and timing one; our error pages  430
-    7. Connections: the transport, and the greenlet that reads one  405
-    8. Request handlers: WSGI (our own PEP 3333 driver), wsgiref    335
-    9. Options and applications: the one table of settings          340
-   10. Listening sockets                                            190
-   11. Prefork master and workers: the Arbiter, worker_main()       480
-   12. FastCGIServer, and the seam every watcher listens on         390
-   13. Seeing inside: status page, metrics, access log, slow log    600
-   14. Running a server: run_server, pid file, PasteDeploy runners   90
-   15. The built-in FastCGI client and the demo application          75
-   16. Command line                                                 280
-   17. Django management command                                     90
-   18. Optional zope.interface declarations                          40
-   19. Compatibility with the original project (acts when called)    40
-
-(The numbers are each section's budget of lines: 4,600 in all.)
+    1. Imports, version, logger                                       85
+    2. Protocol constants (the FastCGI 1.0 specification's names)     45
+    3. Errors                                                         30
+    4. Record codec: bytes in, records out, bytes back; no I/O       305
+    5. Request streams: stdin/data (spooled to disk), stdout/stderr  405
+    6. Requests: running, refusing and timing one; our error pages   430
+    7. Connections: the transport, and the greenlet that reads one   400
+    8. Request handlers: WSGI (our own PEP 3333 driver), wsgiref     315
+    9. Options and applications: the one table of settings           330
+   10. Listening sockets                                             230
+   11. Prefork master and workers: the Arbiter, worker_main()        530
+   12. FastCGIServer, and the seam every watcher listens on          305
+   13. Seeing inside: status page, metrics, access log, slow log     585
+   14. Running a server: run_server, pid file, PasteDeploy runners    90
+   15. The built-in FastCGI client and the demo application           65
+   16. Command line                                                  270
+   17. Django management command                                      95
+   18. Optional zope.interface declarations                           40
+   19. Compatibility with the original project (acts when called)     45
 
 Importing it changes nothing outside it: no monkey-patching, no entries in
 sys.modules or sys.path_hooks, no process-wide settings.  The FastCGI 1.0
@@ -222,9 +221,9 @@ class RecordParser:
         so all is copied out before this returns (a test pins this)."""
         if not data:
             if self.in_record:
-                raise ProtocolError(
-                    'connection closed in the middle of a record '
-                    '(%d bytes of it received)' % self.buffered)
+                raise ProtocolError('connection closed in the middle of a '
+                                    'record (%d bytes of it received)'
+                                    % self.buffered)
             self._eof = True
             return []
         if self._eof:
@@ -376,9 +375,8 @@ def _decode_pairs(data: bytes, source, as_dict: bool):
             pos = value_start + value_length
             if pos > end:
                 raise ProtocolError(
-                    'name-value pair of %d + %d bytes runs %d bytes past the '
-                    'end of its stream' % (name_length, value_length,
-                                           pos - end))
+                    'name-value pair of %d + %d bytes runs %d bytes past its '
+                    'stream\'s end' % (name_length, value_length, pos - end))
             name = source[value_start - name_length:value_start]
             if as_dict:
                 pairs[name] = source[value_start:pos]
@@ -1157,9 +1155,8 @@ class Request:
         stream.feed(content)
         spooled = stream.spooled_bytes
         if spooled > settings.max_spool_size:
-            self.refuse(TOO_LARGE_BODY, 'more than max_spool_size %d bytes '
-                        'of body waiting unread on disk'
-                        % settings.max_spool_size)
+            self.refuse(TOO_LARGE_BODY, 'more than max_spool_size %d bytes of '
+                        'body waiting unread on disk' % settings.max_spool_size)
         elif spooled:
             # The application is behind: let it read before we read on (the
             # connection greenlet would not yield while input keeps coming).
@@ -1202,9 +1199,8 @@ class Request:
             return
         self.release()
         connection = self.connection
-        last = not self.keep_conn or ((self.server.stopping
-                                       or connection.abandoned)
-                                      and not connection.requests)
+        last = not self.keep_conn or (not connection.requests and (
+            self.server.stopping or connection.abandoned))
         end = (END_REQUEST_OK[self.id]
                if app_status == 0 and protocol_status == FCGI_REQUEST_COMPLETE
                else encode_end_request(self.id, app_status, protocol_status))
@@ -1220,9 +1216,8 @@ class Request:
         connection closes once no other request is on it."""
         connection = self.connection
         self.release()
-        logger.warning('%s: the response to %r was cut short: its '
-                       'connection closes so that the web server sees it '
-                       'fail', connection, self)
+        logger.warning('%s: the response to %r was cut short: its connection '
+                       'closes: the web server sees it fail', connection, self)
         connection.abandoned = True     # new requests are refused
         if not connection.requests:
             connection.transport.abort()
@@ -1545,9 +1540,8 @@ class Connection:
                            self, exc)
         except _SOCKET_TIMEOUT:
             if not self.closed:
-                logger.warning('%s: nothing received for %gs while a request '
-                               'was unfinished: connection closed', self,
-                               read_timeout)
+                logger.warning('%s: nothing received for %gs with a request '
+                               'unfinished: closed', self, read_timeout)
         except OSError as exc:
             if not self.closed:
                 logger.info('%s: connection lost: %s', self, exc)
@@ -1946,10 +1940,9 @@ class WSGIResponse:
 
 
 def _not_bytes(chunk) -> TypeError:
+    shown = chunk[:40] if isinstance(chunk, str) else chunk
     return TypeError('WSGI application returned %s, not bytes: %r; encode '
-                     'the body (PEP 3333)' % (type(chunk).__name__, chunk[:40]
-                                             if isinstance(chunk, str)
-                                             else chunk))
+                     'the body (PEP 3333)' % (type(chunk).__name__, shown))
 
 
 class WSGIRefRequestHandler:
@@ -2008,9 +2001,8 @@ class _WSGIRefHandler(BaseCGIHandler):
         self.request.answer_error(ERROR_STATUS, ERROR_BODY)
 
     def log_exception(self, exc_info):
-        logger.error('%s: application failed on %r',
-                     self.request.connection, self.request,
-                     exc_info=exc_info)
+        logger.error('%s: application failed on %r', self.request.connection,
+                     self.request, exc_info=exc_info)
 
 
 # 9. Options and applications -------------------------------------------------
@@ -2506,9 +2498,10 @@ def _chown(path: str, owner: str) -> None:
     os.chown(path, uid, gid)
 
 
-def inherited_addresses() -> List[int]:
-    """Listening sockets this process was started with: systemd's
-    (LISTEN_FDS for our pid), else fd 0 when it listens
+def take_inherited_listeners() -> List[int]:
+    """The fds of the listening sockets this process was started with,
+    taken (LISTEN_* leave the environment): systemd's (LISTEN_FDS for our
+    pid), else fd 0 when it listens
     (FCGI_LISTENSOCK_FILENO: spawn-fcgi, lighttpd's bin-path, mod_fcgid)."""
     if os.environ.get('LISTEN_PID') == str(os.getpid()):
         count = int(os.environ.get('LISTEN_FDS', '0'))
@@ -2683,10 +2676,6 @@ class Worker:
         self.exit_cause = None          # once reaped: why it is gone
         self.slot = 1                   # 1..: the lowest no other one has
 
-    def last_beat(self) -> float:
-        """Seconds since the epoch of the last heartbeat; 0 before boot."""
-        return os.fstat(self.heartbeat.fileno()).st_mtime
-
 
 class WorkerTable:
     """The master's decisions about its workers: how many of which
@@ -2806,15 +2795,15 @@ class WorkerTable:
         if code is None:
             logger.warning('worker %d killed by signal %s', worker.pid,
                            signal.Signals(os.WTERMSIG(status)).name)
+            cause = 'signal'
         elif code:
             logger.warning('worker %d exited with status %d', worker.pid, code)
+            cause = 'exit'
         else:
             logger.info('worker %d exited', worker.pid)
+            cause = 'reload' if worker.retiring else 'max_requests'
         if running:
-            worker.exit_cause = (
-                'worker_timeout' if worker.aborted
-                else 'signal' if code is None else 'exit' if code
-                else 'reload' if worker.retiring else 'max_requests')
+            worker.exit_cause = 'worker_timeout' if worker.aborted else cause
         for tell in self.watchers.child_exit:
             tell(self.server, worker)
         return code == WORKER_BOOT_ERROR and self.boot_failed(worker)
@@ -2856,7 +2845,7 @@ class WorkerTable:
         timeout = self.server.settings.worker_timeout
         now = time.time()
         for worker in self:
-            beat = worker.last_beat()
+            beat = os.fstat(worker.heartbeat.fileno()).st_mtime  # 0: none
             if beat and not worker.booted:
                 worker.booted = self.served = True
                 self.boot_delay = 0
@@ -2864,9 +2853,8 @@ class WorkerTable:
                 self.kill(worker.pid, signal.SIGKILL)
             elif timeout and beat and now - beat > timeout:
                 logger.error('worker %d: event loop blocked for more than %gs '
-                             '(worker_timeout): aborted; it wrote the stack '
-                             'of the code blocking it above', worker.pid,
-                             timeout)
+                             '(worker_timeout): aborted; it wrote the stack of '
+                             'the code blocking it above', worker.pid, timeout)
                 worker.aborted = True
                 self.kill(worker.pid, signal.SIGABRT)
 
@@ -2973,11 +2961,10 @@ class Arbiter:
         self.workers.signal_all(signal.SIGUSR1)
 
     def handle_usr2(self) -> None:
-        logger.warning('master %d: SIGUSR2 ignored (there is no binary '
+        logger.warning('master %d: SIGUSR2 or SIGWINCH ignored (no binary '
                        'upgrade; SIGHUP reloads the application)', os.getpid())
 
-    def handle_winch(self) -> None:
-        logger.info('master %d: SIGWINCH ignored', os.getpid())
+    handle_winch = handle_usr2
 
     def handle_ttin(self, change: int = 1) -> None:
         self.workers.wanted = max(1, self.workers.wanted + change)
@@ -3553,17 +3540,24 @@ class Scoreboard:
     def __setitem__(self, name: str, value: int) -> None:
         self.ints[_BOARD[name]] = value
 
+    def _begin(self, seq: int) -> int:
+        """The seqlock at ``seq`` once its writer is not writing, however
+        long that takes, unless it stays mid-write a second (it died there)."""
+        stuck = give_up = None
+        while True:
+            value = self.ints[seq]
+            if value != stuck:      # (odd: a writer, perhaps preempted)
+                stuck, give_up = value, time.monotonic() + 1.0
+            if not value & 1 or time.monotonic() >= give_up:
+                return value
+
     def _read(self, seq: int, start: int, stop: int) -> list:
-        """ints[start:stop] as their writer left them, ``seq`` the index of
-        its seqlock (a writer that died mid-write is read as it left)."""
-        ints = self.ints
-        for _ in range(100000):
-            before = ints[seq]
-            if not before & 1:
-                values = ints[start:stop].tolist()
-                if ints[seq] == before:
-                    return values
-        return ints[start:stop].tolist()
+        """ints[start:stop] as the writer of seqlock ``seq`` left them."""
+        while True:
+            before = self._begin(seq)
+            values = self.ints[start:stop].tolist()
+            if self.ints[seq] == before or before & 1:
+                return values
 
     def take_slot(self, slot: Optional[int], generation: int) -> None:
         """In a new worker: ``slot`` is this process's (None: more workers
@@ -3599,12 +3593,9 @@ class Scoreboard:
     def snapshot(self, lists: bool = False) -> Tuple[Dict[str, int],
                                                      List[Dict]]:
         """(totals of every slot, the live slots, with their requests if
-        ``lists``), read again while the master folds a slot (one that died
-        folding, after a while, as it left)."""
-        for attempt in range(100000):
-            before = self.ints[0]
-            if before & 1 and attempt < 99999:
-                continue
+        ``lists``), read again while the master folds a slot, as _read()."""
+        while True:
+            before = self._begin(0)
             totals = dict.fromkeys(_COUNTS, 0)
             workers = []
             for slot in range(self.slots + 1):
@@ -3619,7 +3610,7 @@ class Scoreboard:
                     values['requests'], values['more'] = (
                         self._list(slot) if lists else ([], 0))
                     workers.append(values)
-            if self.ints[0] == before or attempt == 99999:
+            if self.ints[0] == before or before & 1:
                 return totals, workers
 
     def lists_published(self, asked: int) -> bool:
@@ -3876,14 +3867,22 @@ class Instruments:
                                             b'Cache-Control: no-store\r\n'))
 
 
-#: the report's counters: its name (PHP-FPM's where it has one), ours
-_REPORTED = (('accepted conn', 'accepted'), ('open connections', 'open'),
-             ('requests in flight', 'busy'), ('requests', 'served'),
-             ('max requests in flight', 'max_busy'),
-             ('aborted requests', 'aborted'), ('refused requests', 'refused'),
-             ('timed out requests', 'timed_out'), ('slow requests', 'slow'),
-             ('bytes received', 'bytes_in'), ('bytes sent', 'bytes_out'),
-             ('max listen queue', 'max_listen_queue'))
+#: the report's counts: its name (PHP-FPM's where it has one), the
+#: scoreboard's, and the OpenMetrics name and type (None: not a metric)
+_REPORTED = (('accepted conn', 'accepted', 'connections', 'counter'),
+             ('open connections', 'open', 'open_connections', 'gauge'),
+             ('requests in flight', 'busy', 'requests_in_flight', 'gauge'),
+             ('requests', 'served', 'requests', 'counter'),
+             ('max requests in flight', 'max_busy', None, None),
+             ('aborted requests', 'aborted', 'aborted_requests', 'counter'),
+             ('refused requests', 'refused', 'refused_requests', 'counter'),
+             ('timed out requests', 'timed_out', 'timed_out_requests',
+              'counter'),
+             ('slow requests', 'slow', 'slow_requests', 'counter'),
+             ('bytes received', 'bytes_in', 'received_bytes', 'counter'),
+             ('bytes sent', 'bytes_out', 'sent_bytes', 'counter'),
+             ('max listen queue', 'max_listen_queue', 'max_listen_queue',
+              'gauge'))
 
 
 def status_report(board: Scoreboard, sock, full: bool = False) -> Dict:
@@ -3899,7 +3898,7 @@ def status_report(board: Scoreboard, sock, full: bool = False) -> Dict:
         'generation': board['generation'],
         'total processes': len(workers), 'active processes': busy,
         'idle processes': len(workers) - busy}
-    for key, name in _REPORTED:
+    for key, name, _, _ in _REPORTED:
         report[key] = totals[name] if name in totals else board[name]
     report.update({
         'requests by status': {'%dxx' % n: totals['%dxx' % n]
@@ -3945,24 +3944,14 @@ def _status_text(report: Dict, prefix: str = '') -> str:
     return '\n'.join(lines) + '\n'
 
 
-_METRICS = (    # OpenMetrics name and type, and the report's key
+_METRICS = [    # OpenMetrics name and type, and the report's key
     ('start_time_seconds', 'gauge', 'start time'),
     ('processes', 'gauge', 'processes'),
-    ('connections', 'counter', 'accepted conn'),
-    ('open_connections', 'gauge', 'open connections'),
-    ('requests', 'counter', 'requests'),
     ('responses', 'counter', 'requests by status'),
-    ('requests_in_flight', 'gauge', 'requests in flight'),
-    ('aborted_requests', 'counter', 'aborted requests'),
-    ('timed_out_requests', 'counter', 'timed out requests'),
-    ('refused_requests', 'counter', 'refused requests'),
-    ('slow_requests', 'counter', 'slow requests'),
-    ('received_bytes', 'counter', 'bytes received'),
-    ('sent_bytes', 'counter', 'bytes sent'),
     ('listen_queue', 'gauge', 'listen queue'),
-    ('max_listen_queue', 'gauge', 'max listen queue'),
     ('worker_restarts', 'counter', 'worker restarts'),
-    ('request_duration_seconds', 'histogram', 'request duration seconds'))
+    ('request_duration_seconds', 'histogram', 'request duration seconds')
+] + [(name, kind, key) for key, _, name, kind in _REPORTED if name]
 _METRIC_LABELS = {'processes': 'state', 'responses': 'class',
                   'worker_restarts': 'cause'}
 
@@ -4137,9 +4126,8 @@ def fastcgi_request(address, uri: str = '/', method: str = 'GET',
                 if rid == 1 and rtype in output:
                     output[rtype].append(content)
                 elif rid == 1 and rtype == FCGI_END_REQUEST:
-                    return (b''.join(output[FCGI_STDOUT]),
-                            b''.join(output[FCGI_STDERR]),
-                            *decode_end_request(content))
+                    return (b''.join(output[FCGI_STDOUT]), b''.join(
+                        output[FCGI_STDERR]), *decode_end_request(content))
             if not data:
                 raise ConnectionClosed('the server closed the connection '
                                        'before FCGI_END_REQUEST')
@@ -4192,7 +4180,7 @@ def _checked(convert):
 
 def add_server_arguments(parser) -> None:
     """The options the command line and the Django command share."""
-    parser.add_argument('--handler', choices=sorted(HANDLERS), default='wsgi',
+    parser.add_argument('--handler', choices=sorted(HANDLERS),
                         help="wsgi (default), wsgiref (the stdlib's), or "
                              'fastcgi: APP is a request handler')
     for option in SERVER_OPTIONS:
@@ -4208,9 +4196,8 @@ def add_server_arguments(parser) -> None:
                         help='write the server (master) process id to FILE')
     parser.add_argument('--debug', action='store_true', help='tracebacks '
                         'to the client (never in production)')
-    parser.add_argument('--log-level', default='info',
-                        choices=['debug', 'info', 'warning', 'error'],
-                        help='logging level (default info)')
+    parser.add_argument('--log-level', help='logging level (default info)',
+                        choices=['debug', 'info', 'warning', 'error'])
     parser.add_argument('--error-log', metavar='FILE', help="the server's own "
                         'log (default: stderr); SIGUSR1 reopens it')
     parser.add_argument('--chdir', metavar='DIR',
@@ -4244,6 +4231,23 @@ def server_options(opts) -> Dict:
     """The server settings among parsed arguments (and a --config file)."""
     return {name: opts[name] for name in OPTIONS_BY_NAME
             if opts.get(name) is not None}
+
+
+def with_config(opts: Dict, parser) -> Dict:
+    """Parsed arguments over their --config file's settings over defaults
+    (the command line's win, but None and False); 'bind': a list, parsed."""
+    given = {name: value for name, value in opts.items()
+             if value is not None and value is not False}
+    config = read_config(opts['config'], parser) if opts['config'] else {}
+    opts = {**opts, 'handler': 'wsgi', 'log_level': 'info', **config, **given}
+    binds = opts.get('bind')
+    try:
+        opts['bind'] = [parse_address(bind) if isinstance(bind, str) else bind
+                        for bind in ([binds] if isinstance(binds, (str, tuple))
+                                     else binds or ())]
+    except ValueError as exc:
+        parser.error('bind: %s' % exc)
+    return opts
 
 
 def build_parser():
@@ -4320,9 +4324,8 @@ def client_main(argv) -> int:
             describe_address(args.address), exc)).encode()
         protocol_status = None
     if protocol_status not in (None, FCGI_REQUEST_COMPLETE):
-        stderr = (b'request refused: protocol status %d (FCGI_CANT_MPX_CONN, '
-                  b'FCGI_OVERLOADED, FCGI_UNKNOWN_ROLE: 1, 2, 3)\n'
-                  % protocol_status)
+        stderr = b'request refused: protocol status %d (FCGI_CANT_MPX_CONN, ' \
+            b'FCGI_OVERLOADED, FCGI_UNKNOWN_ROLE: 1, 2, 3)\n' % protocol_status
     if not args.quiet:
         sys.stdout.buffer.write(stdout)
         sys.stdout.flush()
@@ -4348,11 +4351,10 @@ def read_config(path: str, parser) -> Dict:
             exec(compile(file.read(), path, 'exec'), namespace)
     except Exception as exc:
         parser.error('--config %s: %s: %s' % (path, type(exc).__name__, exc))
-    settings = {name: value for name, value in namespace.items()
-                if not (name.startswith('_')
-                        or isinstance(value, types.ModuleType))}
+    settings = {name: value for name, value in namespace.items() if not (
+        name.startswith('_') or isinstance(value, types.ModuleType))}
     unknown = sorted(set(settings) - set(vars(parser.parse_args([])))
-                     - set(OPTIONS_BY_NAME))
+                     - set(OPTIONS_BY_NAME) - {'bind'})
     if unknown:
         parser.error('--config %s: %s: no such setting (--print-config lists '
                      'them)' % (path, ', '.join(unknown)))
@@ -4367,24 +4369,13 @@ def main(argv=None) -> int:
     parser = build_parser()
     argv = shlex.split(os.environ.get(ENV_ARGS, '')) + argv
     args = parser.parse_args(argv)
-    binds = args.bind
-    if args.config:
-        settings = read_config(args.config, parser)
-        binds = binds or settings.pop('bind', None)
-        parser.set_defaults(**settings)
-        args = parser.parse_args(argv)
-    try:
-        binds = [parse_address(bind) if isinstance(bind, str) else bind
-                 for bind in ([binds] if isinstance(binds, (str, tuple))
-                              else binds or ())]
-    except ValueError as exc:
-        parser.error('bind: %s' % exc)
+    vars(args).update(with_config(vars(args), parser))
     try:
         settings = Settings(server_options(vars(args)), 'settings')
     except ValueError as exc:
         parser.error(str(exc))
     if args.print_config:
-        print_config(dict(vars(args), bind=binds or None), settings)
+        print_config(dict(vars(args), bind=args.bind or None), settings)
         return 0
     prepare(vars(args), parser.error)
     if args.chdir or args.app:
@@ -4408,7 +4399,7 @@ def main(argv=None) -> int:
     if args.check_config:
         print('gevent_fastcgi: the settings and the application load')
         return 0
-    address = binds or inherited_addresses() or [('127.0.0.1', 9000)]
+    address = args.bind or take_inherited_listeners() or [('127.0.0.1', 9000)]
     try:
         return run_server(app, address, args.handler, args.debug,
                           args.pid_file, settings)
@@ -4456,20 +4447,20 @@ def _django_command_class():
     from django.core.management.base import BaseCommand
 
     class Command(BaseCommand):
-        help = ('Serve this project over FastCGI with gevent_fastcgi '
-                '(listening on ADDRESS: host:port, [ipv6]:port or '
-                'unix:/path).')
+        help = ('Serve this project over FastCGI with gevent_fastcgi (listen '
+                'on ADDRESS: host:port, [ipv6]:port or unix:/path).')
 
         # Run by handle(), once script_name is the script prefix: checks
         # that ran before would cache STATIC_URL without it.
         requires_system_checks = []
 
         def add_arguments(self, parser):
-            parser.add_argument(
-                'address', nargs='*', type=_checked(parse_address),
-                help='where to listen (default 127.0.0.1:9000)')
+            parser.add_argument('address', nargs='*', type=_checked(
+                parse_address), help='where to listen (default 127.0.0.1:9000)')
             parser.add_argument('--skip-checks', action='store_true',
                                 help="skip Django's system checks")
+            parser.add_argument('-c', '--config', metavar='FILE', help='a '
+                                'Python file that sets these (and bind)')
             add_server_arguments(parser)
 
         def handle(self, *args, **opts):
@@ -4481,6 +4472,10 @@ def _django_command_class():
 
             def error(message):
                 raise CommandError(message, returncode=2)
+            opts = with_config(opts, self.create_parser('manage.py',
+                                                        DJANGO_COMMAND))
+            addresses = (opts['address'] or opts['bind']
+                         or [('127.0.0.1', 9000)])
             try:
                 settings = Settings(server_options(opts), 'settings')
             except ValueError as exc:
@@ -4497,8 +4492,7 @@ def _django_command_class():
             if not opts['skip_checks']:
                 self.check()
             try:
-                sys.exit(run_server(get_internal_wsgi_application(),
-                                    opts['address'] or [('127.0.0.1', 9000)],
+                sys.exit(run_server(get_internal_wsgi_application(), addresses,
                                     opts['handler'], opts['debug'],
                                     opts['pid_file'], settings))
             except StartupError as exc:
@@ -4567,7 +4561,8 @@ def install_original_import_paths() -> None:
     """After this one call (never on import: a vendored file must not change
     its host's sys.modules), the original project's module paths work:
     ``gevent_fastcgi.server``, ``.wsgi``, ``.const``, ``.base`` (this
-    module), ``.interfaces`` (IRequest, IRequestHandler)."""
+    module), ``.interfaces`` (IRequest, IRequestHandler), and Django's
+    ``.adapters.django``."""
     import types
     module = sys.modules.get(__name__)
     if module is None:
@@ -4578,6 +4573,12 @@ def install_original_import_paths() -> None:
                                   'IRequest and IRequestHandler (zope)')
     interfaces.__getattr__ = __getattr__        # made when asked for
     sys.modules.setdefault(interfaces.__name__, interfaces)
+    # INSTALLED_APPS' 'gevent_fastcgi.adapters.django': not a module, so
+    # Django takes it as the name of an AppConfig class, made when asked for
+    adapters = types.ModuleType(__name__ + '.adapters')
+    adapters.__getattr__ = lambda name: __getattr__(
+        'DjangoAppConfig' if name == 'django' else 'adapters.' + name)
+    sys.modules.setdefault(adapters.__name__, adapters)
 
 
 def __getattr__(name: str):
