@@ -208,22 +208,28 @@ APPS = {'bench': 'bench_app:app', 'flask': 'flask_app:app',
         'django': 'django_app:application'}
 
 
+#: --baseline DIR: another checkout of ours, run as 'baseline' beside 'ours'
+BASELINE = None
+
+
 def backend_command(name, port, workers, app='bench'):
     """-> (argv, cwd, env, protocol) for one backend."""
     clean_env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
     spec = APPS[app]
-    if name in ('ours', 'ours-visible'):
+    if name.split('-')[0] in ('ours', 'baseline'):
+        # (run from its folder: "python -m" looks there first)
+        root = BASELINE if name.startswith('baseline') else ROOT
         argv = [sys.executable, '-m', 'gevent_fastcgi', '--bind',
                 '127.0.0.1:%d' % port, '--log-level', 'warning',
                 '--max-conns', '4096', '--max-reqs', '4096',
                 '--backlog', '4096', '--chdir', HERE, spec]
         if workers > 1:
             argv[3:3] = ['--workers', str(workers)]
-        if name == 'ours-visible':      # what an operator turns on
+        if name.endswith('-visible'):   # what an operator turns on
             argv[3:3] = ['--status-path', '/status', '--access-log',
                          os.path.join(tempfile.gettempdir(),
                                       'gevent-fastcgi-bench-access.log')]
-        return argv, ROOT, dict(clean_env, PYTHONPATH=ROOT), 'fastcgi'
+        return argv, root, dict(clean_env, PYTHONPATH=root), 'fastcgi'
     if name == 'original':
         # run from bench/, where no gevent_fastcgi.py shadows the package
         return ([peer('python'), '-c', ORIGINAL, str(port)], HERE, clean_env,
@@ -806,7 +812,8 @@ def real_lines(table, floors):
             continue
         lines.append('%-12s app floor: %s us of CPU per request, called '
                      'in-process' % (workload, fmt(floor)))
-        for backend in ['ours', 'ours-visible'] + REAL[1:]:
+        for backend in ['ours', 'ours-visible', 'baseline',
+                        'baseline-visible'] + REAL[1:]:
             cell = table[workload].get(backend)
             if cell is None:
                 continue
@@ -827,6 +834,8 @@ def real_lines(table, floors):
 def report(table, checks, info, floors=None):
     backends = ['ours', 'ours-visible', 'original', 'flup', 'uwsgi-fastcgi',
                 'gunicorn', 'libfcgi']
+    if any('baseline' in cells for cells in table.values()):
+        backends[2:2] = ['baseline', 'baseline-visible']
     lines = []
     if any(workload in table for workload in REAL_WORKLOADS):
         lines += ['What users run, behind nginx (medians of %d rounds):'
@@ -865,7 +874,17 @@ def main(argv=None):
                         help='no measuring: the report of the "round" lines '
                              'an earlier run printed')
     parser.add_argument('--json', help='write raw results to this file')
+    parser.add_argument('--baseline', metavar='DIR', help="another checkout "
+                        "of ours (git worktree add DIR COMMIT), run as "
+                        "'baseline' (and 'baseline-visible') beside 'ours'")
     args = parser.parse_args(argv)
+    if args.baseline:
+        global BASELINE
+        BASELINE = os.path.abspath(args.baseline)
+        for workload, spec in WORKLOADS.items():
+            WORKLOADS[workload] = spec._replace(backends=spec.backends + [
+                name.replace('ours', 'baseline') for name in spec.backends
+                if name in ('ours', 'ours-visible')])
     if args.from_log:
         raw, info, floors = {}, {'rounds': 0}, {}
         with open(args.from_log) as f:
