@@ -1,32 +1,31 @@
 """gevent_fastcgi: a FastCGI application server for Python, built on gevent.
 
-A web server (nginx, Apache, lighttpd, HAProxy, ...) speaks FastCGI to this
-server; it runs WSGI applications or custom request handlers, each request in
-its own greenlet, in one or several processes.  The whole server is this one
-file, so that it can be vendored by copying it.  It reads top to bottom in
+A web server (nginx, Apache, HAProxy...) speaks FastCGI to it; it runs WSGI
+applications or request handlers, a greenlet a request, in one or several
+processes.  One file, to vendor by copying.  It reads top to bottom in
 numbered sections (grep "# 4."), each with its budget of lines (4,600 in all);
 a section uses only what the sections above it define, and the tests carry the
 same banners in the same order.
 
-    1. Imports, version, logger                                       85
-    2. Protocol constants (the FastCGI 1.0 specification's names)     45
-    3. Errors                                                         30
-    4. Record codec: bytes in, records out, bytes back; no I/O       305
+    1. Imports, version, logger                                       84
+    2. Protocol constants (the FastCGI 1.0 specification's names)     43
+    3. Errors                                                         31
+    4. Record codec: bytes in, records out, bytes back; no I/O       304
     5. Request streams: stdin/data (spooled to disk), stdout/stderr  405
-    6. Requests: running, refusing and timing one; our error pages   430
-    7. Connections: the transport, and the greenlet that reads one   400
-    8. Request handlers: WSGI (our own PEP 3333 driver), wsgiref     315
-    9. Options and applications: the one table of settings           330
+    6. Requests: running, shedding, timing one; our error pages      481
+    7. Connections: the transport, and the greenlet that reads one   408
+    8. Request handlers: WSGI (our own PEP 3333 driver), wsgiref     313
+    9. Options and applications: the one table of settings           334
    10. Listening sockets                                             230
-   11. Prefork master and workers: the Arbiter, worker_main()        530
+   11. Prefork master and workers: the Arbiter, worker_main()        528
    12. FastCGIServer, and the seam every watcher listens on          305
-   13. Seeing inside: status page, metrics, access log, slow log     585
-   14. Running a server: run_server, pid file, PasteDeploy runners    90
-   15. The built-in FastCGI client and the demo application           65
-   16. Command line                                                  270
-   17. Django management command                                      95
-   18. Optional zope.interface declarations                           40
-   19. Compatibility with the original project (acts when called)     45
+   13. Seeing inside: status page, metrics, access log, slow log     573
+   14. Running a server: run_server, pid file, PasteDeploy runners    92
+   15. The built-in FastCGI client and the demo application           55
+   16. Command line                                                  236
+   17. Django management command                                      97
+   18. Optional zope.interface declarations                           39
+   19. Compatibility with the original project (acts when called)     42
 
 Importing it changes nothing outside it: no monkey-patching, no entries in
 sys.modules or sys.path_hooks, no process-wide settings.  The FastCGI 1.0
@@ -1010,6 +1009,45 @@ class RequestGreenlets:
                 return
 
 
+class LoadShedder:
+    """CoDel's idea, as "Fail at Scale" applies it: a request waits for the
+    CPU from its PARAMS' end to its handler's start (gevent's queue of
+    greenlets to run).  A queue not empty for ``interval`` stands (a burst
+    or a slow request empties in time): a request that waited over
+    ``target`` is then answered 503, the application not called."""
+
+    def __init__(self, target: float) -> None:
+        self.target = target
+        self.interval = 5 * target
+        self.waiting = 0            # admitted, handler not yet started
+        self.last_empty = time.monotonic()
+        self.shed = 0               # since last logged
+        self.logged = 0.0
+
+    def admit(self, request) -> None:
+        request.queued = now = time.monotonic()
+        if not self.waiting:
+            self.last_empty = now
+        self.waiting += 1
+
+    def in_time(self, request) -> bool:
+        """At its handler's start: False if it is to be shed."""
+        self.waiting -= 1
+        now = time.monotonic()
+        in_time = (now - request.queued <= self.target
+                   or now - self.last_empty <= self.interval)
+        if not self.waiting:
+            self.last_empty = now
+        if not in_time:
+            self.shed += 1
+            if now - self.logged >= 1.0:    # once a second at most
+                logger.warning('overloaded: %d requests that waited over %gs '
+                               'for the CPU answered 503 (queue_timeout)',
+                               self.shed, self.target)
+                self.logged, self.shed = now, 0
+        return in_time
+
+
 class Request:
     """One FastCGI request, as a request handler receives it: environ
     (FCGI_PARAMS, str: str), stdin, data (FILTER's FCGI_DATA), stdout (a CGI
@@ -1020,7 +1058,7 @@ class Request:
     __slots__ = ('connection', 'server', 'id', 'role', 'keep_conn', 'environ',
                  '_stdin', 'data', 'stdout', '_stderr', 'greenlet', 'ended',
                  'response_status', 'params_done', '_params', 'response_cut',
-                 'started', 'outcome', 'duration', '__weakref__',
+                 'started', 'outcome', 'duration', 'queued', '__weakref__',
                  '__dict__')     # (what server hooks keep on a request)
 
     def __init__(self, connection, request_id: int, role: int,
@@ -1048,6 +1086,7 @@ class Request:
         self.duration = 0.0
         self.params_done = False
         self._params = b''              # PARAMS so far, one buffer
+        self.queued = 0.0               # time.monotonic(), if it queued
 
     @property
     def stdin(self) -> InputStream:
@@ -1186,6 +1225,14 @@ class Request:
         self.end(1, output=output + STDOUT_END[self.id])
         self.cancel()
 
+    def shed(self) -> None:
+        """503, the application not called (LoadShedder): overloaded."""
+        self.server.request_refused(self, 'shed')
+        self.stdout.write(plain_response(
+            '503 Service Unavailable', b'Overloaded: try again\n',
+            headers=b'Retry-After: 1\r\n'))
+        self.end(output=self.stdout.take_records() + STDOUT_END[self.id])
+
     def send(self, data, more: bool = False) -> None:
         """Output of this request to its connection (see Transport.send)."""
         self.connection.transport.send(data, more)
@@ -1243,6 +1290,11 @@ def run_request(request: Request) -> None:
     """The request's greenlet: run the handler (or the page at its path),
     end with what it wrote, tell the server how it went."""
     server = request.server
+    if request.queued and not server.load.in_time(request):
+        request.greenlet = None
+        with suppress(ConnectionClosed, RequestAborted):
+            request.shed()
+        return
     request.started = started = time.time()
     app_status = 0
     outcome = OK
@@ -1607,10 +1659,19 @@ class Connection:
 
     def on_params(self, request_id: int, content: bytes) -> None:
         request = self.requests.get(request_id)
-        if request is not None and request.add_params(content):
-            self.got_request = True
-            request.greenlet = RequestGreenlets.of_this_hub().start(
-                run_request, request)
+        if request is None or not request.add_params(content):
+            return
+        self.got_request = True
+        server = self.server
+        environ = request.environ
+        if (server.pages and request_path(environ) in server.pages
+                and 'full' not in environ.get('QUERY_STRING', '')):
+            run_request(request)    # ping, status: ahead of any queue (?full
+            return                  # waits for the workers: it queues)
+        if server.load is not None:
+            server.load.admit(request)
+        request.greenlet = RequestGreenlets.of_this_hub().start(run_request,
+                                                                request)
 
     def on_stdin(self, request_id: int, content: bytes) -> None:
         request = self.requests.get(request_id)
@@ -2183,6 +2244,8 @@ SERVER_OPTIONS = [
            'retires after this many requests, plus a random jitter'),
     Option('max_requests_jitter', '--max-requests-jitter', _to_int(0), 0,
            'the most that jitter may be (default 0)'),
+    Option('queue_timeout', '--queue-timeout', _to_float, 0.1, 'when '
+           'requests keep waiting longer for the CPU, 503 at once (0: off)'),
     Option('request_timeout', '--request-timeout', _optional(_to_seconds),
            None, 'seconds a request may run, or 504 (default: no limit)'),
     Option('slow_request', '--slow-request', _optional(_to_seconds), None,
@@ -3183,6 +3246,8 @@ class FastCGIServer(StreamServer):
         self.multiprocess = settings.master     # (TTIN may add workers)
         self.worker = Worker()          # this process, as hooks see it
         self.active_requests = 0        # admitted, not yet released
+        self.load = (LoadShedder(settings.queue_timeout)
+                     if settings.queue_timeout else None)
         self.requests_served = 0        # handlers that have ended
         self.retire_after = 0           # a worker's max_requests, drawn
         self.stopping = False
@@ -3504,7 +3569,7 @@ BOARD_FIELDS = ('seq', 'started', 'generation', 'max_busy',
                 'restarts_worker_timeout', 'restarts_reload')
 SLOT_FIELDS = ('seq', 'pid', 'generation', 'started', 'listed', 'busy', 'open',
                'accepted', 'served', '1xx', '2xx', '3xx', '4xx', '5xx',
-               'aborted', 'timed_out', 'refused', 'slow', 'bytes_in',
+               'aborted', 'timed_out', 'refused', 'shed', 'slow', 'bytes_in',
                'bytes_out', 'duration_us') + tuple(
                    'bucket_%d' % n for n in range(len(DURATION_BUCKETS) + 1))
 _BOARD = {name: index for index, name in enumerate(BOARD_FIELDS)}
@@ -3744,7 +3809,7 @@ class Instruments:
         self.counts[_COUNT['open']] -= 1
 
     def request_refused(self, request, why: str) -> None:
-        self.counts[_COUNT['refused']] += 1
+        self.counts[_COUNT['shed' if why == 'shed' else 'refused']] += 1
 
     def post_request(self, worker, request, environ, resp) -> None:
         if self.board is not None:
@@ -3855,13 +3920,11 @@ class Instruments:
                                                   None), 'full' in flags)
         finally:
             self.answering -= 1
-        if 'json' in flags:
-            kind, body = 'application/json', json.dumps(report)
-        elif 'openmetrics' in flags:
+        if 'openmetrics' in flags:
             kind = 'application/openmetrics-text; version=1.0.0; charset=utf-8'
             body = openmetrics(report)
-        else:
-            kind, body = 'text/plain; charset=utf-8', _status_text(report)
+        else:   # (a field a line: for eyes, and for programs)
+            kind, body = 'application/json', json.dumps(report, indent=1)
         request.stdout.write(plain_response('200 OK', body.encode('utf-8'),
                                             kind.encode(),
                                             b'Cache-Control: no-store\r\n'))
@@ -3876,6 +3939,7 @@ _REPORTED = (('accepted conn', 'accepted', 'connections', 'counter'),
              ('max requests in flight', 'max_busy', None, None),
              ('aborted requests', 'aborted', 'aborted_requests', 'counter'),
              ('refused requests', 'refused', 'refused_requests', 'counter'),
+             ('shed requests', 'shed', 'shed_requests', 'counter'),
              ('timed out requests', 'timed_out', 'timed_out_requests',
               'counter'),
              ('slow requests', 'slow', 'slow_requests', 'counter'),
@@ -3924,24 +3988,6 @@ def status_report(board: Scoreboard, sock, full: bool = False) -> Dict:
                 for method, uri, started, frame in worker['requests']],
             'more requests in flight': worker['more']} for worker in workers]
     return report
-
-
-def _status_text(report: Dict, prefix: str = '') -> str:
-    lines = []
-    for key, value in report.items():
-        if key == 'processes':
-            for process in value:
-                requests = process.pop('requests in flight')
-                more = process.pop('more requests in flight')
-                lines += ['*' * 24, _status_text(process).rstrip()]
-                lines += ['request: %(method)s %(uri)s, %(age)gs, waiting in '
-                          '%(waiting in)s' % request for request in requests]
-                lines += ['and %d more requests in flight' % more] * bool(more)
-        elif isinstance(value, dict):
-            lines.append(_status_text(value, prefix + key + ' ').rstrip())
-        else:
-            lines.append('%s%s: %s' % (prefix, key, value))
-    return '\n'.join(lines) + '\n'
 
 
 _METRICS = [    # OpenMetrics name and type, and the report's key
@@ -4084,31 +4130,21 @@ run_fastcgi = _paste_runner('fastcgi')
 
 # 15. The built-in FastCGI client and the demo application --------------------
 
-def fastcgi_request(address, uri: str = '/', method: str = 'GET',
-                    headers: Iterable[Tuple[str, str]] = (), body: bytes = b'',
+def fastcgi_request(address, uri: str = '/',
                     params: Optional[Dict[str, str]] = None,
                     timeout: float = 10.0):
-    """One request to a FastCGI server (ours or any other), on a blocking
-    socket: (stdout, stderr, app_status, protocol_status).  ``params`` add
-    to or replace the CGI variables made from the request."""
+    """One GET to a FastCGI server (ours or any other), on a blocking socket,
+    for health checks: (stdout, stderr, app_status, protocol_status).
+    ``params`` add to or replace the CGI variables made from ``uri``."""
     path, _, query = uri.partition('?')
     environ = {
-        'GATEWAY_INTERFACE': 'CGI/1.1', 'SERVER_SOFTWARE':
-        'gevent_fastcgi/%s' % __version__, 'SERVER_PROTOCOL': 'HTTP/1.1',
+        'GATEWAY_INTERFACE': 'CGI/1.1', 'SERVER_PROTOCOL': 'HTTP/1.1',
         'SERVER_NAME': 'localhost', 'SERVER_PORT': '80',
-        'REMOTE_ADDR': '127.0.0.1', 'REMOTE_PORT': '0',
-        'REQUEST_METHOD': method, 'REQUEST_URI': uri, 'SCRIPT_NAME': '',
-        'PATH_INFO': path, 'DOCUMENT_URI': path, 'SCRIPT_FILENAME': path,
-        'QUERY_STRING': query, 'CONTENT_LENGTH': str(len(body)),
-    }
-    for name, value in headers:
-        key = name.strip().upper().replace('-', '_')
-        environ[key if key in ('CONTENT_TYPE', 'CONTENT_LENGTH')
-                else 'HTTP_' + key] = value.strip()
-    environ.update(params or {})
+        'REMOTE_ADDR': '127.0.0.1', 'REQUEST_METHOD': 'GET',
+        'REQUEST_URI': uri, 'SCRIPT_NAME': '', 'PATH_INFO': path,
+        'QUERY_STRING': query, **(params or {})}
     wire = (encode_begin_request(1) + encode_records(
         FCGI_PARAMS, 1, encode_pairs(environ)) + encode_records(FCGI_PARAMS, 1)
-        + (encode_records(FCGI_STDIN, 1, body) if body else b'')
         + encode_records(FCGI_STDIN, 1))
     if isinstance(address, tuple):
         sock = _stdlib_socket.create_connection(address[:2], timeout)
@@ -4270,11 +4306,9 @@ def build_parser():
     parser.add_argument('--preload', action='store_true', help='the master '
                         'imports APP (workers share it; HUP reloads nothing)')
     parser.add_argument('-c', '--config', metavar='FILE', help='a Python file '
-                        'that sets these by the names --print-config shows')
+                        'that sets these by their keywords (README.rst)')
     parser.add_argument('--check-config', action='store_true', help='load '
                         'the settings and APP, then exit: 0, or 1 and why')
-    parser.add_argument('--print-config', action='store_true',
-                        help='print the settings in effect, and exit')
     parser.add_argument('--version', action='version',
                         version='gevent_fastcgi %s' % __version__)
     return parser
@@ -4289,36 +4323,16 @@ def client_main(argv) -> int:
     parser.add_argument('address', type=_checked(parse_address),
                         help='host:port, [ipv6]:port or unix:/path')
     parser.add_argument('uri', nargs='?', default='/', help='default /')
-    parser.add_argument('-X', '--method', default='GET')
-    parser.add_argument('-H', '--header', action='append', default=[],
-                        metavar='"NAME: VALUE"', help='a request header')
-    parser.add_argument('-d', '--data', default='',
-                        help='request body; @FILE reads it from FILE')
     parser.add_argument('-p', '--param', action='append', default=[],
                         metavar='NAME=VALUE', help='set a CGI variable')
     parser.add_argument('-t', '--timeout', type=_checked(_to_float),
                         default=10.0, help='seconds (default 10)')
     parser.add_argument('-q', '--quiet', action='store_true')
     args = parser.parse_intermixed_args(argv)
-
-    def pairs(items, sep, form):
-        for item in items:
-            name, found, value = item.partition(sep)
-            if not found:
-                parser.error('%r is not %s' % (item, form))
-            yield name, value
-    body = args.data.encode('utf-8')
-    try:
-        if args.data.startswith('@'):
-            with open(args.data[1:], 'rb') as f:
-                body = f.read()
-    except OSError as exc:
-        parser.error('--data: %s' % exc)
+    params = dict(param.partition('=')[::2] for param in args.param)
     try:
         stdout, stderr, _, protocol_status = fastcgi_request(
-            args.address, args.uri, args.method.upper(),
-            list(pairs(args.header, ':', '"Name: value"')), body,
-            dict(pairs(args.param, '=', 'NAME=VALUE')), args.timeout)
+            args.address, args.uri, params=params, timeout=args.timeout)
     except (OSError, ProtocolError) as exc:
         stdout, stderr = b'', ('request to %s failed: %s\n' % (
             describe_address(args.address), exc)).encode()
@@ -4342,8 +4356,8 @@ ENV_ARGS = 'GEVENT_FASTCGI_CMD_ARGS'    # gunicorn's GUNICORN_CMD_ARGS
 
 def read_config(path: str, parser) -> Dict:
     """--config FILE (gunicorn's -c): a Python file whose public names are
-    settings (as --print-config shows them; a module, or a name starting
-    with _, is the file's own); the command line wins."""
+    settings (their keywords; a module, or a name starting with _, is the
+    file's own); the command line wins."""
     import types
     namespace = {'__file__': os.path.abspath(path)}
     try:
@@ -4356,7 +4370,7 @@ def read_config(path: str, parser) -> Dict:
     unknown = sorted(set(settings) - set(vars(parser.parse_args([])))
                      - set(OPTIONS_BY_NAME) - {'bind'})
     if unknown:
-        parser.error('--config %s: %s: no such setting (--print-config lists '
+        parser.error('--config %s: %s: no such setting (README.rst lists '
                      'them)' % (path, ', '.join(unknown)))
     return settings
 
@@ -4374,9 +4388,6 @@ def main(argv=None) -> int:
         settings = Settings(server_options(vars(args)), 'settings')
     except ValueError as exc:
         parser.error(str(exc))
-    if args.print_config:
-        print_config(dict(vars(args), bind=args.bind or None), settings)
-        return 0
     prepare(vars(args), parser.error)
     if args.chdir or args.app:
         sys.path.insert(0, os.getcwd())
@@ -4406,17 +4417,6 @@ def main(argv=None) -> int:
     except StartupError as exc:
         logger.error('cannot start: %s', exc)
         return 1
-
-
-def print_config(opts: Dict, settings: Settings) -> None:
-    """--print-config: a config file (--config) giving the same settings;
-    a server hook is a function, shown as a comment."""
-    shown = dict(opts, **vars(settings))
-    for name in sorted(set(shown) - {'config', 'print_config', 'check_config',
-                                     'given'}):
-        value = shown[name]
-        print(('# %s = %r: define it' if callable(value) else '%s = %r')
-              % (name, value))
 
 
 # 17. Django management command -----------------------------------------------

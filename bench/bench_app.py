@@ -6,6 +6,7 @@
 /cpu     about 0.35 ms of pure-Python work, then hello: the backend, not
          the front end, is then what limits requests per second
 /stream  a generator of 10 blocks of 1 KB, no length: a streamed response
+/burn    4 ms of the process's CPU time, then hello (overload.py)
 """
 import time
 
@@ -43,6 +44,11 @@ def app(environ, start_response):
         body = str(received).encode()
     elif path == '/sleep':
         sleep(0.1)
+        body = HELLO
+    elif path == '/burn':
+        end = time.process_time() + 0.004
+        while time.process_time() < end:
+            pass
         body = HELLO
     elif path == '/cpu':
         total = 0
