@@ -7,29 +7,28 @@ numbered sections (grep "# 4."), each with its budget of lines (4,600 in all);
 a section uses only what the sections above it define, and the tests carry the
 same banners in the same order.
 
-    1. Imports, version, logger                                       84
+    1. Imports, version, logger                                       82
     2. Protocol constants (the FastCGI 1.0 specification's names)     43
     3. Errors                                                         31
     4. Record codec: bytes in, records out, bytes back; no I/O       304
     5. Request streams: stdin/data (spooled to disk), stdout/stderr  405
-    6. Requests: running, shedding, timing one; our error pages      481
-    7. Connections: the transport, and the greenlet that reads one   408
+    6. Requests: running, shedding, timing one; our error pages      484
+    7. Connections: the transport, and the greenlet that reads one   423
     8. Request handlers: WSGI (our own PEP 3333 driver), wsgiref     313
     9. Options and applications: the one table of settings           334
    10. Listening sockets                                             230
    11. Prefork master and workers: the Arbiter, worker_main()        528
-   12. FastCGIServer, and the seam every watcher listens on          305
-   13. Seeing inside: status page, metrics, access log, slow log     573
-   14. Running a server: run_server, pid file, PasteDeploy runners    92
+   12. FastCGIServer, and the seam every watcher listens on          301
+   13. Seeing inside: status page, metrics, access log, slow log     562
+   14. Running a server: run_server, pid file, PasteDeploy runners    91
    15. The built-in FastCGI client and the demo application           55
-   16. Command line                                                  236
+   16. Command line                                                  235
    17. Django management command                                      97
    18. Optional zope.interface declarations                           39
-   19. Compatibility with the original project (acts when called)     42
+   19. Compatibility with the original project (acts when called)     43
 
-Importing it changes nothing outside it: no monkey-patching, no entries in
-sys.modules or sys.path_hooks, no process-wide settings.  The FastCGI 1.0
-specification is the authority; section numbers quoted in comments are its.
+Importing it changes nothing outside it (monkey-patching, sys.modules, any
+process-wide setting).  The FastCGI 1.0 specification is the authority.
 """
 
 
@@ -1011,40 +1010,39 @@ class RequestGreenlets:
 
 class LoadShedder:
     """CoDel's idea, as "Fail at Scale" applies it: a request waits for the
-    CPU from its PARAMS' end to its handler's start (gevent's queue of
-    greenlets to run).  A queue not empty for ``interval`` stands (a burst
-    or a slow request empties in time): a request that waited over
-    ``target`` is then answered 503, the application not called."""
+    CPU from its connection's accept or its PARAMS' end to its handler's
+    start.  A queue not empty for 5 x ``target`` stands (a burst empties in
+    time): one that waited over ``target`` is then shed (503, no app call)."""
 
     def __init__(self, target: float) -> None:
         self.target = target
-        self.interval = 5 * target
         self.waiting = 0            # admitted, handler not yet started
-        self.last_empty = time.monotonic()
-        self.shed = 0               # since last logged
+        self.started = self.last_empty = time.monotonic()
         self.logged = 0.0
 
-    def admit(self, request) -> None:
-        request.queued = now = time.monotonic()
-        if not self.waiting:
+    def admit(self, request, waited: float = 0.0) -> None:
+        now = time.monotonic()
+        request.queued = now - waited
+        if not self.waiting and waited <= self.target:
             self.last_empty = now
+        else:   # it sat in the kernel's queue (since we serve, at most)
+            self.last_empty = min(self.last_empty, max(now - waited,
+                                                       self.started))
         self.waiting += 1
 
-    def in_time(self, request) -> bool:
-        """At its handler's start: False if it is to be shed."""
+    def in_time(self, request) -> bool:     # (as its handler would start)
         self.waiting -= 1
         now = time.monotonic()
-        in_time = (now - request.queued <= self.target
-                   or now - self.last_empty <= self.interval)
-        if not self.waiting:
-            self.last_empty = now
-        if not in_time:
-            self.shed += 1
-            if now - self.logged >= 1.0:    # once a second at most
-                logger.warning('overloaded: %d requests that waited over %gs '
-                               'for the CPU answered 503 (queue_timeout)',
-                               self.shed, self.target)
-                self.logged, self.shed = now, 0
+        waited = now - request.queued
+        if waited <= self.target and not self.waiting:
+            self.last_empty = now       # (one late: the kernel's queue is not)
+        in_time = (waited <= self.target
+                   or now - self.last_empty <= 5 * self.target)
+        if not in_time and now - self.logged >= 1.0:   # once a second at most
+            logger.warning('overloaded: requests that waited over %gs for '
+                           'the CPU are answered 503 (queue_timeout)',
+                           self.target)
+            self.logged = now
         return in_time
 
 
@@ -1362,6 +1360,15 @@ _ABORT_MARKER = bytes(FCGI_HEADER_LEN)      # version 0: see Transport.abort
 _SOCKET_TIMEOUT = _stdlib_socket.timeout    # not TimeoutError before 3.10
 
 
+def tcp_info(sock, offset: int, count: int = 1) -> Optional[tuple]:
+    """``count`` u32 of TCP_INFO from ``offset`` (Linux; else None)."""
+    try:
+        return struct.unpack_from('%dI' % count, sock.getsockopt(
+            _stdlib_socket.IPPROTO_TCP, _stdlib_socket.TCP_INFO, 104), offset)
+    except (AttributeError, OSError, struct.error):
+        return None
+
+
 class Transport:
     """One connection's socket: the only code that reads, writes or touches
     gevent's private parts of it.  Requests take turns to send, whole; a
@@ -1425,6 +1432,11 @@ class Transport:
 
     def settimeout(self, timeout: Optional[float]) -> None:
         self.socket.settimeout(timeout)
+
+    def waited(self) -> float:
+        """Seconds since data came (TCP_INFO): a new connection's wait."""
+        info = tcp_info(self.socket, 52) if self.tcp else None
+        return info[0] / 1000 if info else 0.0
 
     def send(self, data, more: bool = False) -> None:
         """Send bytes, or a list of buffers (gather writes: the kernel copies
@@ -1661,15 +1673,16 @@ class Connection:
         request = self.requests.get(request_id)
         if request is None or not request.add_params(content):
             return
-        self.got_request = True
         server = self.server
-        environ = request.environ
-        if (server.pages and request_path(environ) in server.pages
-                and 'full' not in environ.get('QUERY_STRING', '')):
+        if (server.pages and request_path(request.environ) in server.pages
+                and 'full' not in request.environ.get('QUERY_STRING', '')):
+            self.got_request = True
             run_request(request)    # ping, status: ahead of any queue (?full
             return                  # waits for the workers: it queues)
         if server.load is not None:
-            server.load.admit(request)
+            server.load.admit(request, 0.0 if self.got_request
+                              else self.transport.waited())
+        self.got_request = True
         request.greenlet = RequestGreenlets.of_this_hub().start(run_request,
                                                                 request)
 
@@ -3207,11 +3220,6 @@ def _guarded(name: str, hook):
     return guarded
 
 
-def answer_ping(request: Request) -> None:
-    """The ping page (ping_path): health checks."""
-    request.stdout.write(plain_response('200 OK', b'pong\n'))
-
-
 class FastCGIServer(StreamServer):
     """Runs ``request_handler(request)`` for each request of the web servers
     that connect to ``address`` ((host, port), a unix socket path, a
@@ -3246,8 +3254,7 @@ class FastCGIServer(StreamServer):
         self.multiprocess = settings.master     # (TTIN may add workers)
         self.worker = Worker()          # this process, as hooks see it
         self.active_requests = 0        # admitted, not yet released
-        self.load = (LoadShedder(settings.queue_timeout)
-                     if settings.queue_timeout else None)
+        self.load = None                # a LoadShedder, once serving
         self.requests_served = 0        # handlers that have ended
         self.retire_after = 0           # a worker's max_requests, drawn
         self.stopping = False
@@ -3260,8 +3267,9 @@ class FastCGIServer(StreamServer):
         self._bound_by_pid = os.getpid()
         self._stop_requested = gevent.event.Event()
         self._serve_on(address)
-        if settings.ping_path is not None:
-            self.add_page(settings.ping_path, answer_ping)
+        if settings.ping_path is not None:      # health checks
+            self.add_page(settings.ping_path, lambda request: request.stdout
+                          .write(plain_response('200 OK', b'pong\n')))
         self.watchers.add_hooks(settings)
         for watch in self.watched_by:
             watch(self)
@@ -3343,13 +3351,14 @@ class FastCGIServer(StreamServer):
             self.shutdown(escalate=False)
 
     def add_page(self, path: str, handler) -> None:
-        """Answer requests for ``path`` with ``handler`` (a request handler)
-        instead of the application: the ping and status pages."""
+        """``handler`` answers ``path``, ahead of the app: ping, status."""
         self.pages[path] = handler
 
     # -- serving --------------------------------------------------------------
 
     def start(self) -> None:
+        if self.settings.queue_timeout:     # (its clock starts now)
+            self.load = LoadShedder(self.settings.queue_timeout)
         StreamServer.start(self)
         for extra in self.extra_listeners:
             extra.start()
@@ -3719,18 +3728,6 @@ def waiting_in(glet) -> str:
     return '-'
 
 
-def _listen_queue(sock) -> Tuple[int, int]:
-    """(connections waiting to be accepted, backlog) of a TCP listening
-    socket, from TCP_INFO (Linux), as PHP-FPM shows them; (-1, -1) where
-    the kernel does not say (unix sockets, other systems)."""
-    try:
-        info = sock.getsockopt(_stdlib_socket.IPPROTO_TCP,
-                               _stdlib_socket.TCP_INFO, 104)
-        return struct.unpack_from('II', info, 24)
-    except (AttributeError, OSError, struct.error):
-        return -1, -1
-
-
 def in_flight(server) -> list:
     """The requests whose handlers run in this process."""
     return [request for connection in list(server.connections)
@@ -3861,7 +3858,7 @@ class Instruments:
         if board['lists_asked'] != self.listed:
             self.publish_list()
         busy = board.ints[board.base(1) + _SLOT['busy']::board.width]
-        queue = _listen_queue(getattr(self.server, 'socket', None))[0]
+        queue = (tcp_info(getattr(self.server, 'socket', None), 24) or (0,))[0]
         board['max_busy'] = max(board['max_busy'], sum(busy))
         board['max_listen_queue'] = max(board['max_listen_queue'], queue)
 
@@ -3955,7 +3952,8 @@ def status_report(board: Scoreboard, sock, full: bool = False) -> Dict:
     totals, workers = board.snapshot(full)
     busy = sum(1 for worker in workers if worker['busy'])
     now = time.time()
-    queue, backlog = _listen_queue(sock)
+    # (waiting to be accepted, backlog) of a TCP listener, as PHP-FPM says
+    queue, backlog = tcp_info(sock, 24, 2) or (-1, -1)
     report = {
         'start time': board['started'],
         'start since': int(now) - board['started'],
@@ -4083,9 +4081,8 @@ def run_server(app, address, handler: str = 'wsgi', debug: bool = False,
     patched = [name for name in ('socket', 'ssl', 'time', 'select',
                                  'threading') if monkey.is_module_patched(name)]
     logger.info('monkey-patched: %s' % ', '.join(patched) if patched else
-                'not monkey-patched: a blocking call (a database driver, '
-                'time.sleep...) holds up every request of its process; see '
-                '--monkey-patch in README.rst')
+                'not monkey-patched: a blocking call (a database driver...) '
+                'holds up its process (README.rst: --monkey-patch)')
     try:
         return server.serve_forever()
     finally:
@@ -4338,8 +4335,7 @@ def client_main(argv) -> int:
             describe_address(args.address), exc)).encode()
         protocol_status = None
     if protocol_status not in (None, FCGI_REQUEST_COMPLETE):
-        stderr = b'request refused: protocol status %d (FCGI_CANT_MPX_CONN, ' \
-            b'FCGI_OVERLOADED, FCGI_UNKNOWN_ROLE: 1, 2, 3)\n' % protocol_status
+        stderr = b'refused: FastCGI protocol status %d\n' % protocol_status
     if not args.quiet:
         sys.stdout.buffer.write(stdout)
         sys.stdout.flush()

@@ -11,6 +11,7 @@ Run: python -m pytest -q test_gevent_fastcgi.py
 """
 
 import ast
+import collections
 import hashlib
 import http.client
 import importlib
@@ -32,6 +33,7 @@ import tempfile
 import textwrap
 import threading
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 
@@ -1809,6 +1811,69 @@ class TestRequests:
 # 7. Connections (a test per rule of the FastCGI specification, named by
 #    its section; then real web servers, and hostile peers)
 # ---------------------------------------------------------------------------
+
+class TestLoadShedderRule:
+    """The shedding rule alone, on a fake clock (TestLoadShedding shows it
+    in a real process at three times its capacity)."""
+
+    @pytest.fixture
+    def shedder(self, monkeypatch):
+        clock = types.SimpleNamespace(now=1000.0)
+        monkeypatch.setattr(fcgi, 'time', types.SimpleNamespace(
+            monotonic=lambda: clock.now))
+        return fcgi.LoadShedder(0.1), clock
+
+    def test_a_queue_that_empties_sheds_nothing(self, shedder):
+        # a closed loop of 50 clients, 5 ms of CPU each: the last of each
+        # round waits 0.25 s, more than the target, but the queue empties
+        shedder, clock = shedder
+        for _ in range(40):
+            requests = [types.SimpleNamespace() for _ in range(50)]
+            for request in requests:
+                shedder.admit(request)
+            for request in requests:
+                assert shedder.in_time(request)
+                clock.now += 0.005
+
+    def test_a_standing_queue_sheds_what_waited_too_long(self, shedder):
+        # two arrivals each 5 ms, one served each 5 ms, for 3 s; then one
+        # arrival each 10 ms for 1 s
+        shedder, clock = shedder
+        queue = collections.deque()
+        served, shed = [], []
+        start = clock.now
+        arrivals = itertools.chain(
+            (start + n * 0.0025 for n in range(1200)),
+            (start + 3 + n * 0.01 for n in range(100)))
+        due = next(arrivals)
+        while due is not None or queue:
+            while due is not None and due <= clock.now:
+                request = types.SimpleNamespace(arrived=due)
+                shedder.admit(request)
+                queue.append(request)
+                due = next(arrivals, None)
+            if not queue:
+                clock.now = due
+                continue
+            request = queue.popleft()
+            waited = clock.now - request.queued
+            if shedder.in_time(request):
+                served.append((clock.now - start, waited))
+                clock.now += 0.005
+            else:
+                shed.append(clock.now - start)
+                clock.now += 0.0001         # a refusal costs little
+        # nothing is refused before the queue has stood for 0.5 s
+        assert 0.5 < min(shed) < 0.7, min(shed)
+        # while it stands, those served waited the target at most
+        standing = [waited for at, waited in served if 0.7 < at < 3.0]
+        assert standing and max(standing) <= 0.1, max(standing)
+        # the CPU stayed busy: about 200 served a second
+        assert 440 <= len([at for at, _ in served if at < 2.5]) <= 505
+        # once arrivals fall under capacity, the queue empties: none shed
+        assert max(shed) < 3.2, max(shed)
+        assert all(waited <= 0.1 for at, waited in served if at > 3.3)
+
 
 class TestTransport:
     def test_gevent_still_has_what_the_fast_read_path_uses(self):
@@ -4873,6 +4938,7 @@ def run_faults(hosts, fronts):
     the resets it logged}}."""
     traffic = {name: Traffic(port) for name, (port, _) in fronts.items()}
     seen = {name: {} for name in fronts}
+    overloaded = []     # the overloading client, then the statuses it got
 
     def logs():
         return {name: log() if log else '' for name, (_, log) in
@@ -4904,10 +4970,32 @@ def run_faults(hosts, fronts):
               lambda: hosts.send(3, signal.SIGCONT), 3.0)
         fault('partitioned, then joined', lambda: hosts.partition(1),
               lambda: hosts.partition(1, False), 3.0)
+        # another client (a process: this one's threads keep the fronts
+        # busy) gives host 1 more than twice what it can serve, 3 CPU
+        # seconds a second: it sheds, and the fronts send what it refuses
+        # to the others
+        def overload():
+            overloaded.append(subprocess.Popen(
+                [sys.executable, '-c', OVERLOAD % (hosts.address(1),)],
+                cwd=HERE, env=dict(os.environ, PYTHONPATH=HERE),
+                stdout=subprocess.PIPE))
+
+        def overloaded_until_done():
+            out, _ = overloaded[0].communicate(timeout=90)
+            overloaded[:] = json.loads(out)
+        fault('overloaded (twice its capacity)', overload,
+              overloaded_until_done, 3.0)
     finally:
         for clients in traffic.values():
             clients.finish()
+    seen['overloading client'] = {status: overloaded.count(status)
+                                  for status in set(overloaded)}
     return seen
+
+
+OVERLOAD = '''import json, test_gevent_fastcgi as t
+print(json.dumps([status for status, _, _ in t.offer_open_loop(
+    %r, '/burn?20', 150, 3.0)]))'''
 
 
 NGINX_HOSTS_CONF = NGINX_HEAD + """\
@@ -4925,7 +5013,7 @@ NGINX_HOSTS_CONF = NGINX_HEAD + """\
             fastcgi_keep_conn on;
             fastcgi_connect_timeout 1s;
             fastcgi_read_timeout 3s;
-            fastcgi_next_upstream error timeout;
+            fastcgi_next_upstream error timeout http_503;
 {params}
         }}
     }}
@@ -4941,9 +5029,10 @@ defaults
     timeout connect 1s
     timeout client 30s
     timeout server 3s
+    timeout check 2s
     retries 2
     option redispatch 1
-    retry-on conn-failure empty-response response-timeout
+    retry-on conn-failure empty-response response-timeout 503
 fcgi-app app
     docroot /
     path-info ^()(/.*)$
@@ -5053,7 +5142,7 @@ class TestLoadShedding:
         # said in the log at most once a second, with why
         said = log.count('overloaded: ')
         assert 1 <= said <= 7, log[-2000:]
-        assert 'for the CPU answered 503 (queue_timeout)' in log
+        assert 'for the CPU are answered 503 (queue_timeout)' in log
 
     def test_the_control_without_shedding_queues_everything(self):
         results, pings, report, _, log = self.overload('--queue-timeout', '0')
@@ -5127,11 +5216,17 @@ class TestSeveralHosts:
                     stop_process(front.proc, signal.SIGQUIT)
             hosts.remove()
         print(json.dumps(seen, indent=1))       # README.rst's table
+        # host 1 served what it could, refused the rest, left none waiting
+        overloading = seen.pop('overloading client')
+        assert set(overloading) <= {200, 503}, overloading
+        assert overloading.get(503, 0) > overloading.get(200, 0), overloading
         for front, faults in seen.items():
             for fault, outcome in faults.items():
                 assert outcome['requests'] > 20, (front, fault, outcome)
                 assert outcome['GET failed'] == 0, (front, fault, outcome)
                 assert outcome['slowest'] <= 5.0, (front, fault, outcome)
+            overload = faults['overloaded (twice its capacity)']
+            assert overload['slowest'] <= 3.0, (front, overload)
             graceful = faults['graceful stop, then started']
             assert graceful['POST failed'] == 0, (front, graceful)
             # TCP has no way to stop listening without a window between the
