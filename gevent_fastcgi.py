@@ -12,8 +12,8 @@ same banners in the same order.
     3. Errors                                                         31
     4. Record codec: bytes in, records out, bytes back; no I/O       304
     5. Request streams: stdin/data (spooled to disk), stdout/stderr  405
-    6. Requests: running, shedding, timing one; our error pages      484
-    7. Connections: the transport, and the greenlet that reads one   423
+    6. Requests: running, shedding, timing one; our error pages      482
+    7. Connections: the transport, and the greenlet that reads one   425
     8. Request handlers: WSGI (our own PEP 3333 driver), wsgiref     313
     9. Options and applications: the one table of settings           334
    10. Listening sockets                                             230
@@ -1680,7 +1680,9 @@ class Connection:
             run_request(request)    # ping, status: ahead of any queue (?full
             return                  # waits for the workers: it queues)
         if server.load is not None:
-            server.load.admit(request, 0.0 if self.got_request
+            # (a new connection waited to be accepted: for the CPU, unless
+            # for one of max_conns)
+            server.load.admit(request, 0.0 if self.got_request or server.full()
                               else self.transport.waited())
         self.got_request = True
         request.greenlet = RequestGreenlets.of_this_hub().start(run_request,
