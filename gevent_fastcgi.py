@@ -12,8 +12,8 @@ same banners in the same order.
     3. Errors                                                         31
     4. Record codec: bytes in, records out, bytes back; no I/O       304
     5. Request streams: stdin/data (spooled to disk), stdout/stderr  405
-    6. Requests: running, shedding, timing one; our error pages      482
-    7. Connections: the transport, and the greenlet that reads one   425
+    6. Requests: running, shedding, timing one; our error pages      481
+    7. Connections: the transport, and the greenlet that reads one   426
     8. Request handlers: WSGI (our own PEP 3333 driver), wsgiref     313
     9. Options and applications: the one table of settings           334
    10. Listening sockets                                             230
@@ -1009,15 +1009,14 @@ class RequestGreenlets:
 
 
 class LoadShedder:
-    """CoDel's idea, as "Fail at Scale" applies it: a request waits for the
-    CPU from its connection's accept or its PARAMS' end to its handler's
-    start.  A queue not empty for 5 x ``target`` stands (a burst empties in
-    time): one that waited over ``target`` is then shed (503, no app call)."""
+    """CoDel, as "Fail at Scale" applies it: a request waits for the CPU from
+    its accept or PARAMS' end to its handler's start; while the queue has not
+    emptied for 5 x ``target``, one that waited longer is shed (503)."""
 
     def __init__(self, target: float) -> None:
         self.target = target
         self.waiting = 0            # admitted, handler not yet started
-        self.started = self.last_empty = time.monotonic()
+        self.started = self.last_empty = self.last_start = time.monotonic()
         self.logged = 0.0
 
     def admit(self, request, waited: float = 0.0) -> None:
@@ -1034,7 +1033,9 @@ class LoadShedder:
         self.waiting -= 1
         now = time.monotonic()
         waited = now - request.queued
-        if waited <= self.target and not self.waiting:
+        stalled = now - self.last_start > 5 * self.target   # (none started:
+        self.last_start = now           # a slow request held the CPU)
+        if stalled or (waited <= self.target and not self.waiting):
             self.last_empty = now       # (one late: the kernel's queue is not)
         in_time = (waited <= self.target
                    or now - self.last_empty <= 5 * self.target)
@@ -1599,6 +1600,8 @@ class Connection:
                         handler(request_id, content)
                 if not data:
                     break
+                if len(data) == transport.recv_size:    # more is waiting:
+                    gevent.sleep(0)     # others (its requests) run first
         except ProtocolError as exc:
             logger.warning('%s: protocol error, connection closed: %s',
                            self, exc)
@@ -1680,8 +1683,7 @@ class Connection:
             run_request(request)    # ping, status: ahead of any queue (?full
             return                  # waits for the workers: it queues)
         if server.load is not None:
-            # (a new connection waited to be accepted: for the CPU, unless
-            # for one of max_conns)
+            # (a new connection waited to be accepted, unless for max_conns)
             server.load.admit(request, 0.0 if self.got_request or server.full()
                               else self.transport.waited())
         self.got_request = True

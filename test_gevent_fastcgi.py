@@ -1835,6 +1835,22 @@ class TestLoadShedderRule:
                 assert shedder.in_time(request)
                 clock.now += 0.005
 
+    def test_those_behind_a_slow_request_are_served(self, shedder):
+        # one request holds the CPU for 2 s while 20 arrive: when it ends,
+        # they have waited long, but no arrivals outran the CPU
+        shedder, clock = shedder
+        slow = types.SimpleNamespace()
+        shedder.admit(slow)
+        assert shedder.in_time(slow)
+        behind = [types.SimpleNamespace() for _ in range(20)]
+        for request in behind:
+            clock.now += 0.1
+            shedder.admit(request)
+        clock.now += 0.1
+        for request in behind:
+            assert shedder.in_time(request)
+            clock.now += 0.005
+
     def test_a_standing_queue_sheds_what_waited_too_long(self, shedder):
         # two arrivals each 5 ms, one served each 5 ms, for 3 s; then one
         # arrival each 10 ms for 1 s
