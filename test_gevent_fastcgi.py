@@ -5822,13 +5822,11 @@ class TestStatusPage:
                     raw_get(master.address, '/hello')
 
         def kill():
-            # (a pace, not a wait for an event); a worker that has booted
-            # (one that boots slower than the pace would never serve)
-            while not done.wait(0.3):
-                booted = [pid for pid in master.workers() if master.log_count(
-                    'worker %d: retires after' % pid)]
+            # (a pace, not a wait for an event: slower than a worker takes
+            # to boot on a slow machine, or none would ever serve)
+            while not done.wait(1.0):
                 with suppress(OSError, IndexError):
-                    os.kill(sorted(booted)[0], signal.SIGKILL)
+                    os.kill(sorted(master.workers())[0], signal.SIGKILL)
         threads = [threading.Thread(target=scrape, args=(mine,))
                    for mine in scrapes] + [threading.Thread(target=target)
                                            for target in (load, load, kill)]
