@@ -1009,36 +1009,35 @@ class RequestGreenlets:
 
 
 class LoadShedder:
-    """CoDel, as "Fail at Scale" applies it: a request waits for the CPU from
-    its accept or PARAMS' end to its handler's start; while the queue has not
-    emptied for 5 x ``target``, one that waited longer is shed (503)."""
+    """CoDel: a request waits for the CPU from its accept or PARAMS' end to
+    its handler's start; while none started within ``target`` for 5 x that,
+    the queue stands: one that waited longer is shed (503), as is any that
+    waited 5 x ``target``."""
 
     def __init__(self, target: float) -> None:
         self.target = target
-        self.waiting = 0            # admitted, handler not yet started
-        self.started = self.last_empty = self.last_start = time.monotonic()
+        self.started = self.last_good = self.last_start = time.monotonic()
+        self.stalled = 0.0          # when the CPU was last held that long
         self.logged = 0.0
 
     def admit(self, request, waited: float = 0.0) -> None:
-        now = time.monotonic()
-        request.queued = now - waited
-        if not self.waiting and waited <= self.target:
-            self.last_empty = now
-        else:   # it sat in the kernel's queue (since we serve, at most)
-            self.last_empty = min(self.last_empty, max(now - waited,
-                                                       self.started))
-        self.waiting += 1
+        # it sat in the kernel's queue (since we serve, at most): none started
+        request.queued = max(time.monotonic() - waited, self.started)
+        self.last_good = min(self.last_good, request.queued)
 
     def in_time(self, request) -> bool:     # (as its handler would start)
-        self.waiting -= 1
         now = time.monotonic()
         waited = now - request.queued
-        stalled = now - self.last_start > 5 * self.target   # (none started:
-        self.last_start = now           # a slow request held the CPU)
-        if stalled or (waited <= self.target and not self.waiting):
-            self.last_empty = now       # (one late: the kernel's queue is not)
-        in_time = (waited <= self.target
-                   or now - self.last_empty <= 5 * self.target)
+        interval = 5 * self.target
+        if now - self.last_start > interval:    # none started: a slow
+            self.stalled = now                  # request held the CPU
+        self.last_start = now
+        if self.stalled == now or waited <= self.target:
+            self.last_good = now
+        after_stall = now - self.stalled <= interval
+        in_time = waited <= self.target or (now - self.last_good <= interval
+                                            and (waited <= interval
+                                                 or after_stall))
         if not in_time and now - self.logged >= 1.0:   # once a second at most
             logger.warning('overloaded: requests that waited over %gs for '
                            'the CPU are answered 503 (queue_timeout)',
