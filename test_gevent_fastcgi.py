@@ -1825,7 +1825,8 @@ class TestLoadShedderRule:
 
     def test_a_queue_that_empties_sheds_nothing(self, shedder):
         # a closed loop of 50 clients, 5 ms of CPU each: the last of each
-        # round waits 0.25 s, more than the target, but the queue empties
+        # round waits 0.25 s, more than the target, but the first ones of
+        # each round start in time: the queue does not stand
         shedder, clock = shedder
         for _ in range(40):
             requests = [types.SimpleNamespace() for _ in range(50)]
