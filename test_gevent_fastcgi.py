@@ -5100,10 +5100,11 @@ def offer_open_loop(address, path, rate, seconds):
 
 
 class TestLoadShedding:
-    """One process offered three times what it can serve: it serves at
-    capacity, answers the rest 503 at once without calling the
-    application, and health checks get through; with --queue-timeout 0
-    (the control) every request queues, and the queue grows."""
+    """One process offered four times what it seemed to serve (on a loaded
+    machine, more than twice what it can): it serves at capacity, answers
+    the rest 503 at once without calling the application, and health
+    checks get through; with --queue-timeout 0 (the control) every request
+    queues, and the queue grows."""
 
     pytestmark = pytest.mark.slow     # starts processes, or takes seconds
 
@@ -5136,7 +5137,7 @@ class TestLoadShedding:
                     pings.append(time.monotonic() - started)
                     gevent.sleep(0.2)
             checker = gevent.spawn(pinger)
-            results = offer_open_loop(address, '/burn?10', 3 * capacity, 4.0)
+            results = offer_open_loop(address, '/burn?10', 4 * capacity, 4.0)
             checker.kill()
             report = json.loads(fetch(address, '/status').body)
             metrics = fetch(address, '/status?openmetrics').body.decode()
@@ -5151,7 +5152,7 @@ class TestLoadShedding:
                                              if r[0] not in (200, 503)][:3]
         shed = [r for r in results if r[0] == 503]
         served = [r for r in results if r[0] == 200]
-        # at three times capacity, about two in three are refused
+        # at four times capacity, about three in four are refused
         assert len(shed) >= 0.3 * len(results), (len(shed), len(results))
         assert served
         for _, _, response in shed[:5]:
