@@ -4589,7 +4589,9 @@ class TestProcessModel:
             before = master.workers()
             timer = threading.Timer(1.0, master.signal, (signal.SIGHUP,))
             timer.start()
-            results = steady_load(lambda: nginx.request('GET', '/pid'), 4.0)
+            # (10 s: in CI three suites share the 2 cores, and a new worker
+            # took more than 3 s to import the test application)
+            results = steady_load(lambda: nginx.request('GET', '/pid'), 10.0)
             timer.join()
             failures = [r for r in results
                         if isinstance(r, Exception) or r[0] != 200]
